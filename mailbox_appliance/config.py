@@ -1,0 +1,286 @@
+"""Configuration: one TOML file loaded into frozen dataclasses.
+
+Every problem is reported as a single :class:`ConfigError` whose message names
+the file, the key and what was expected, so that start-up and
+``mailappliance check-config`` can print one clear line instead of a traceback.
+Relative paths are resolved against the folder holding the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+
+from twisted.internet import endpoints, reactor as _default_reactor
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the administrator in one line."""
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text) -> int:
+    """Seconds in ``"90"``, ``"90s"``, ``"5m"``, ``"4h"``, ``"5d"``, ``"1w"``."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    m = _DURATION.match(str(text))
+    if not m:
+        raise ValueError(text)
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The ``[server]`` section: who we are and what we accept."""
+
+    hostname: str = "mail.example.test"
+    domains: tuple = ("example.test",)
+    data_dir: str = "var"
+    relay_networks: tuple = ()
+    max_message_size: int = 26214400
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    """The ``[listen]`` section: Twisted endpoint strings, ``""`` turns one off."""
+
+    smtp: str = "tcp:2525:interface=127.0.0.1"
+    submission: str = ""
+    submissions: str = ""
+    lmtp: str = ""
+    imap: str = ""
+    imaps: str = ""
+    pop3: str = ""
+    pop3s: str = ""
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """The ``[tls]`` section: a PEM pair, or empty for a generated self-signed one."""
+
+    certificate: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    """The ``[directory]`` section: embedded LDIF or an external LDAP server."""
+
+    ldif: str = ""
+    url: str = ""
+    bind_dn: str = ""
+    bind_password: str = ""
+    base_dn: str = "dc=example,dc=test"
+    cache_ttl: int = 60
+    timeout: int = 10
+    max_alias_depth: int = 8
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    """The ``[dns]`` section."""
+
+    servers: tuple = ()
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """The ``[delivery]`` section: outbound and retry behaviour."""
+
+    smtp_port: int = 25
+    smarthost: str = ""
+    retry_schedule: tuple = ("1m", "5m", "15m", "30m", "1h", "2h", "4h")
+    warn_after: str = "4h"
+    max_age: str = "5d"
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    """The ``[smtp]`` section: protocol limits of the SMTP listeners."""
+
+    max_recipients: int = 1000
+    max_received_headers: int = 50
+    max_errors: int = 20
+    command_timeout: int = 300
+    data_timeout: int = 600
+    # A connection that never stops talking is cut after this many seconds.
+    session_deadline: int = 3600
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; ``path`` is the file it came from."""
+
+    path: str = ""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    smtp: SMTPConfig = field(default_factory=SMTPConfig)
+
+    @property
+    def data_dir(self) -> str:
+        return self.server.data_dir
+
+    def relay_nets(self):
+        return [ipaddress.ip_network(n, strict=False) for n in self.server.relay_networks]
+
+
+_SECTIONS = {
+    "server": ServerConfig,
+    "listen": ListenConfig,
+    "tls": TLSConfig,
+    "directory": DirectoryConfig,
+    "dns": DNSConfig,
+    "delivery": DeliveryConfig,
+    "smtp": SMTPConfig,
+}
+
+# Keys naming files, resolved against the config file's folder.
+_PATH_KEYS = {("server", "data_dir"), ("tls", "certificate"), ("tls", "key"),
+              ("directory", "ldif")}
+
+_TYPE_NAMES = {int: "an integer", str: "a string", tuple: "a list", bool: "true or false"}
+
+
+def _check_type(where, value, expected):
+    if expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is tuple:
+        ok = isinstance(value, list)
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise ConfigError(f"{where}: expected {_TYPE_NAMES[expected]}, got {value!r}")
+
+
+def load(path: str) -> Config:
+    """Read, validate and return the configuration in ``path``."""
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read configuration file: {e.strerror}")
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: TOML syntax error: {e}")
+    return from_dict(raw, path)
+
+
+def from_dict(raw: dict, path: str) -> Config:
+    """Build a :class:`Config` from parsed TOML, checking every key."""
+    base = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+    sections = {}
+    for name, value in raw.items():
+        cls = _SECTIONS.get(name)
+        if cls is None:
+            raise ConfigError(f"{path}: unknown section [{name}]; expected one of "
+                              + ", ".join(f"[{s}]" for s in _SECTIONS))
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: {name} must be a [{name}] table")
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, v in value.items():
+            where = f"{path}: [{name}] {key}"
+            if key not in hints:
+                raise ConfigError(f"{path}: unknown key '{key}' in [{name}]; expected one of "
+                                  + ", ".join(f.name for f in dataclasses.fields(cls)))
+            _check_type(where, v, hints[key])
+            if hints[key] is tuple:
+                for item in v:
+                    if not isinstance(item, str):
+                        raise ConfigError(f"{where}: expected a list of strings, got {item!r}")
+                v = tuple(v)
+            if (name, key) in _PATH_KEYS and v:
+                v = os.path.normpath(os.path.join(base, v))
+            kwargs[key] = v
+        sections[name] = cls(**kwargs)
+    if "server" not in sections or not any(
+            f == "data_dir" for f in raw.get("server", {})):
+        srv = sections.get("server", ServerConfig())
+        sections["server"] = dataclasses.replace(
+            srv, data_dir=os.path.normpath(os.path.join(base, srv.data_dir)))
+    cfg = Config(path=path, **sections)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    p = cfg.path
+    s = cfg.server
+    if not s.hostname or not re.match(r"^[A-Za-z0-9.-]+$", s.hostname):
+        raise ConfigError(f"{p}: [server] hostname: expected a host name, got {s.hostname!r}")
+    for d in s.domains:
+        if not re.match(r"^[A-Za-z0-9.-]+$", d) or "." not in d:
+            raise ConfigError(f"{p}: [server] domains: expected domain names, got {d!r}")
+    for n in s.relay_networks:
+        try:
+            ipaddress.ip_network(n, strict=False)
+        except ValueError:
+            raise ConfigError(f"{p}: [server] relay_networks: expected CIDR networks "
+                              f"like \"192.0.2.0/24\", got {n!r}")
+    if s.max_message_size <= 0:
+        raise ConfigError(f"{p}: [server] max_message_size: expected a positive number of bytes")
+    for f in dataclasses.fields(ListenConfig):
+        desc = getattr(cfg.listen, f.name)
+        if desc:
+            try:
+                endpoints.serverFromString(_default_reactor, desc)
+            except Exception as e:
+                raise ConfigError(f"{p}: [listen] {f.name}: expected a Twisted endpoint string "
+                                  f"like \"tcp:25:interface=0.0.0.0\", got {desc!r} ({e})")
+    t = cfg.tls
+    if bool(t.certificate) != bool(t.key):
+        raise ConfigError(f"{p}: [tls] certificate and key: expected both or neither")
+    if t.certificate:
+        from mailbox_appliance import tls
+        try:
+            tls.load_pair(t.certificate, t.key)
+        except Exception as e:
+            raise ConfigError(f"{p}: [tls] certificate/key: expected a matching PEM pair, "
+                              f"could not load {t.certificate} / {t.key}: {e}")
+    d = cfg.directory
+    if d.url:
+        if not re.match(r"^ldaps?://[^/\s]+/?$", d.url):
+            raise ConfigError(f"{p}: [directory] url: expected \"ldap://host:port\", got {d.url!r}")
+    else:
+        if not d.ldif:
+            raise ConfigError(f"{p}: [directory] ldif: expected an LDIF file when url is empty")
+        try:
+            with open(d.ldif, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise ConfigError(f"{p}: [directory] ldif: cannot read {d.ldif}: {e.strerror}")
+    if d.cache_ttl < 0:
+        raise ConfigError(f"{p}: [directory] cache_ttl: expected seconds >= 0")
+    for server in cfg.dns.servers:
+        if not re.match(r"^[\w.:\[\]-]+$", server):
+            raise ConfigError(f"{p}: [dns] servers: expected \"host:port\" entries, got {server!r}")
+    dl = cfg.delivery
+    for key in ("warn_after", "max_age"):
+        try:
+            parse_duration(getattr(dl, key))
+        except ValueError:
+            raise ConfigError(f"{p}: [delivery] {key}: expected a duration like \"4h\" or \"5d\"")
+    if not dl.retry_schedule:
+        raise ConfigError(f"{p}: [delivery] retry_schedule: expected at least one duration")
+    for item in dl.retry_schedule:
+        try:
+            parse_duration(item)
+        except ValueError:
+            raise ConfigError(f"{p}: [delivery] retry_schedule: expected durations like \"5m\", "
+                              f"got {item!r}")
+    if cfg.smtp.max_recipients < 100:
+        raise ConfigError(f"{p}: [smtp] max_recipients: expected at least 100 (RFC 5321 4.5.3.1.8)")
