@@ -16,7 +16,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 
-from twisted.internet import endpoints, reactor as _default_reactor
+from twisted.internet import endpoints
 
 
 class ConfigError(Exception):
@@ -233,11 +233,12 @@ def _validate(cfg: Config) -> None:
                               f"like \"192.0.2.0/24\", got {n!r}")
     if s.max_message_size <= 0:
         raise ConfigError(f"{p}: [server] max_message_size: expected a positive number of bytes")
+    from twisted.internet import reactor
     for f in dataclasses.fields(ListenConfig):
         desc = getattr(cfg.listen, f.name)
         if desc:
             try:
-                endpoints.serverFromString(_default_reactor, desc)
+                endpoints.serverFromString(reactor, desc)
             except Exception as e:
                 raise ConfigError(f"{p}: [listen] {f.name}: expected a Twisted endpoint string "
                                   f"like \"tcp:25:interface=0.0.0.0\", got {desc!r} ({e})")

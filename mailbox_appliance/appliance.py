@@ -1,0 +1,73 @@
+"""The Appliance: one MultiService that builds and owns every part of the system.
+
+Like Postfix's master it only composes: the directory, the spool and queue
+manager, the delivery agents and the listeners are built here from the
+configuration and handed what they need (reactor, config, collaborators).
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application import internet, service
+from twisted.internet import endpoints
+from twisted.logger import Logger
+
+from mailbox_appliance import tls
+from mailbox_appliance.delivery.maildir import MaildirDelivery
+from mailbox_appliance.delivery.router import Router
+from mailbox_appliance.directory.service import DirectoryService
+from mailbox_appliance.queue.manager import QueueManager
+from mailbox_appliance.queue.spool import Spool
+from mailbox_appliance.smtp.policy import HopCount, PolicyChain, RecipientExists, RelayAccess
+from mailbox_appliance.smtp.server import SMTPServerFactory
+
+
+class Appliance(service.MultiService):
+    """Every service of one mail appliance, built from one Config."""
+
+    log = Logger()
+
+    def __init__(self, config, reactor=None, directory=None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.config = config
+        data_dir = config.server.data_dir
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        self.tls_context, self.certificate_path = tls.server_context_factory(config)
+
+        if directory is None:
+            self.directory_service = DirectoryService(reactor, config)
+            self.directory_service.setServiceParent(self)
+            directory = self.directory_service.directory
+        self.directory = directory
+
+        domains = config.server.domains
+        self.spool = Spool(reactor, os.path.join(data_dir, "queue"))
+        self.router = Router(directory, domains)
+        self.local_delivery = MaildirDelivery(reactor, os.path.join(data_dir, "mail"),
+                                              config.server.hostname)
+        self.queue = QueueManager(reactor, config, self.spool, self.router, self.local_delivery)
+        self.queue.setServiceParent(self)
+
+        self.policy = PolicyChain([
+            RelayAccess(domains),
+            RecipientExists(directory, domains),
+            HopCount(config.smtp.max_received_headers),
+        ])
+        self.listeners = {}
+        if config.listen.smtp:
+            factory = SMTPServerFactory(reactor, config, self.policy, self.spool, self.queue,
+                                        tls_context=self.tls_context)
+            self._listen("smtp", config.listen.smtp, factory)
+
+    def _listen(self, name, description, factory):
+        endpoint = endpoints.serverFromString(self.reactor, description)
+        svc = internet.StreamServerEndpointService(endpoint, factory)
+        # A port that cannot be bound must stop start-up, not be logged and ignored.
+        svc._raiseSynchronously = True
+        svc.setName(f"listen-{name}")
+        svc.setServiceParent(self)
+        self.listeners[name] = svc

@@ -1,0 +1,148 @@
+"""Local delivery into ``data_dir/mail/<domain>/<local part>/Maildir``.
+
+The Maildir protocol: write into ``tmp/``, fsync, rename into ``new/``, fsync
+``new/``. Messages are stored with LF line ends, as Postfix's local(8) and
+Dovecot do, so mutt and Dovecot read them unchanged; the file name carries
+``S=`` (size on disk) and ``W=`` (size with CRLF, what IMAP reports).
+
+The name of a delivered file is derived from the queue id, the recipient's
+position and the target, so after a crash a recovered queue entry can tell
+whether that copy already landed and must not be written twice.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+
+from twisted.internet import threads
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailbox_appliance.interfaces import IDeliveryAgent
+
+_SAFE_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+=?^_`{|}~.-]{1,64}$")
+COPY_CHUNK = 1 << 20
+
+
+class DeliveryError(Exception):
+    """A delivery attempt failed; ``permanent`` says whether to bounce."""
+
+    def __init__(self, text, permanent=False):
+        super().__init__(text)
+        self.permanent = permanent
+
+
+def maildir_path(mail_root: str, domain: str, local: str) -> str:
+    """The Maildir of a primary address; refuses names that could leave mail_root."""
+    domain, local = domain.lower(), local.lower()
+    for part in (domain, local):
+        if not _SAFE_PART.match(part) or part.startswith(".") or ".." in part:
+            raise DeliveryError(f"unsafe mailbox name {part!r}", permanent=True)
+    return os.path.join(mail_root, domain, local, "Maildir")
+
+
+def ensure_maildir(path: str) -> None:
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+
+
+@implementer(IDeliveryAgent)
+class MaildirDelivery:
+    """Writes one queued message into a user's Maildir (off the reactor thread)."""
+
+    log = Logger()
+
+    def __init__(self, reactor, mail_root, hostname):
+        self.reactor = reactor
+        self.mail_root = mail_root
+        self.hostname = re.sub(r"[^A-Za-z0-9.-]", "_", hostname)
+
+    def unique_name(self, qmsg, index, target_key):
+        tag = hashlib.sha1(target_key.encode()).hexdigest()[:8]
+        return f"{int(qmsg.envelope.arrival)}.Q{qmsg.qid}R{index}T{tag}.{self.hostname}"
+
+    def deliver(self, qmsg, user, delivered_to, index, target_key):
+        """Deliver ``qmsg`` to ``user``; fires with True (written) or False (already there)."""
+        domain, local = user.mailbox_parts
+        path = maildir_path(self.mail_root, domain, local)
+        base = self.unique_name(qmsg, index, target_key)
+        return threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), self._write,
+            qmsg, path, base, delivered_to, qmsg.recovered)
+
+    def _write(self, qmsg, path, base, delivered_to, check_existing):
+        try:
+            ensure_maildir(path)
+            if check_existing and _already_delivered(path, base):
+                return False
+            head = (f"Return-Path: <{qmsg.envelope.sender}>\n"
+                    f"Delivered-To: {delivered_to}\n").encode("utf-8", "replace")
+            tmp = os.path.join(path, "tmp", base)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                size, crlf_size = _copy_lf(qmsg, fd, head)
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                _unlink(tmp)
+                raise
+            os.close(fd)
+            final = os.path.join(path, "new", f"{base},S={size},W={crlf_size}")
+            os.rename(tmp, final)
+            dfd = os.open(os.path.join(path, "new"), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            return True
+        except DeliveryError:
+            raise
+        except OSError as e:
+            # A full or failing disk is temporary: keep the message queued.
+            raise DeliveryError(f"cannot write mailbox: {os.strerror(e.errno)}",
+                                permanent=e.errno in (errno.ENAMETOOLONG,))
+
+
+def _copy_lf(qmsg, fd, head):
+    """Copy the queued message into ``fd`` with LF line ends; returns sizes."""
+    size = crlf_size = 0
+    os.write(fd, head)
+    size += len(head)
+    crlf_size += len(head) + head.count(b"\n")
+    carry = b""
+    with open(qmsg.path, "rb") as src:
+        src.seek(qmsg.body_offset)
+        while True:
+            block = src.read(COPY_CHUNK)
+            if not block:
+                break
+            block = carry + block
+            # Keep a trailing CR for the next block: it may start a CRLF.
+            carry = b""
+            if block.endswith(b"\r"):
+                block, carry = block[:-1], b"\r"
+            out = block.replace(b"\r\n", b"\n")
+            os.write(fd, out)
+            size += len(out)
+            crlf_size += len(out) + out.count(b"\n")
+    if carry:
+        os.write(fd, carry)
+        size += 1
+        crlf_size += 1
+    return size, crlf_size
+
+
+def _already_delivered(path, base):
+    if any(n.startswith(base) for n in os.listdir(os.path.join(path, "new"))):
+        return True
+    return any(n.startswith(base) for n in os.listdir(os.path.join(path, "cur")))
+
+
+def _unlink(p):
+    try:
+        os.unlink(p)
+    except OSError:
+        pass

@@ -1,0 +1,175 @@
+"""The queue manager: takes due messages, routes and delivers them, retries.
+
+It owns the in-memory schedule of the spool's messages (the spool itself is the
+truth; a restart rebuilds the schedule from it). Each attempt walks the
+envelope recipients, resolves them with the router and hands each target to
+its delivery agent; successes are recorded durably, temporary failures wait
+for the next slot of ``delivery.retry_schedule``.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from twisted.application.service import Service
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from mailbox_appliance.config import parse_duration
+from mailbox_appliance.delivery.maildir import DeliveryError
+from mailbox_appliance.interfaces import DirectoryUnavailable
+
+
+class QueueManager(Service):
+    """Schedules and performs deliveries of spooled messages."""
+
+    log = Logger()
+
+    def __init__(self, reactor, config, spool, router, local_agent, remote_agent=None,
+                 concurrency=20):
+        self.reactor = reactor
+        self.config = config
+        self.spool = spool
+        self.router = router
+        self.local_agent = local_agent
+        self.remote_agent = remote_agent
+        self.concurrency = concurrency
+        self.retry_schedule = [parse_duration(x) for x in config.delivery.retry_schedule]
+        self._ready = collections.deque()
+        self._active = 0
+        self._timers = {}
+        self._idle_waiters = []
+
+    def startService(self):
+        super().startService()
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                      self.spool.recover)
+
+        def recovered(messages):
+            if messages:
+                self.log.info("queue: {n} message(s) recovered from disk", n=len(messages))
+            for m in messages:
+                self.submit(m)
+        d.addCallbacks(recovered, lambda f: self.log.failure("queue recovery failed", f))
+        self.recovered = d
+        return d
+
+    def stopService(self):
+        super().stopService()
+        for t in self._timers.values():
+            if t.active():
+                t.cancel()
+        self._timers.clear()
+
+    def submit(self, qmsg):
+        """Queue ``qmsg`` for an immediate attempt."""
+        t = self._timers.pop(qmsg.qid, None)
+        if t is not None and t.active():
+            t.cancel()
+        self._ready.append(qmsg)
+        self._kick()
+
+    def _kick(self):
+        while self.running and self._ready and self._active < self.concurrency:
+            qmsg = self._ready.popleft()
+            self._active += 1
+            d = self._attempt(qmsg)
+            d.addErrback(lambda f, q=qmsg: self._attempt_failed(q, f))
+            d.addBoth(self._attempt_done)
+        if not self._ready and not self._active:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for w in waiters:
+                w.callback(None)
+
+    def _attempt_done(self, _):
+        self._active -= 1
+        self._kick()
+
+    def _attempt_failed(self, qmsg, failure):
+        self.log.failure("{qid}: delivery attempt crashed", failure, qid=qmsg.qid)
+        self._schedule_retry(qmsg)
+
+    def when_idle(self):
+        """A Deferred that fires once nothing is being delivered (for tests)."""
+        if not self._ready and not self._active:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    @defer.inlineCallbacks
+    def _attempt(self, qmsg):
+        qmsg.attempts += 1
+        env = qmsg.envelope
+        newly_done = []
+        pending = False
+        for idx, rcpt in enumerate(env.recipients):
+            if f"{idx}:*" in qmsg.done:
+                continue
+            try:
+                route = yield self.router.route(rcpt)
+            except DirectoryUnavailable as e:
+                self._log_status(qmsg, rcpt, rcpt, "deferred", f"4.4.3 directory unavailable: {e}")
+                pending = True
+                continue
+            if route.unknown:
+                self._log_status(qmsg, rcpt, rcpt, "bounced", "5.1.1 user unknown")
+                newly_done.append(f"{idx}:*")
+                continue
+            complete = True
+            for target in route.targets:
+                key = f"{idx}:{target.key}"
+                if key in qmsg.done:
+                    continue
+                outcome = yield self._deliver_target(qmsg, idx, rcpt, target)
+                if outcome == "sent" or outcome == "bounced":
+                    newly_done.append(key)
+                else:
+                    complete = False
+            if complete:
+                newly_done.append(f"{idx}:*")
+            else:
+                pending = True
+        if not pending:
+            yield self.spool.remove(qmsg)
+            self.log.info("{qid}: removed", qid=qmsg.qid)
+            return
+        if newly_done:
+            yield self.spool.mark_done(qmsg, newly_done)
+        self._schedule_retry(qmsg)
+
+    @defer.inlineCallbacks
+    def _deliver_target(self, qmsg, idx, rcpt, target):
+        if target.kind == "local":
+            try:
+                written = yield self.local_agent.deliver(qmsg, target.user, target.address,
+                                                         idx, target.key)
+            except DeliveryError as e:
+                status = "bounced" if e.permanent else "deferred"
+                self._log_status(qmsg, target.address, rcpt, status, str(e))
+                return status
+            self._log_status(qmsg, target.address, rcpt, "sent",
+                             "delivered to maildir" if written else "already delivered")
+            return "sent"
+        if self.remote_agent is None:
+            # Outbound SMTP is not part of this build yet: keep the message
+            # queued for it instead of losing or bouncing it.
+            self._log_status(qmsg, target.address, rcpt, "deferred",
+                             "4.4.0 remote delivery is not enabled")
+            return "deferred"
+        outcome = yield self.remote_agent.deliver(qmsg, target.address)
+        return outcome
+
+    def _schedule_retry(self, qmsg):
+        if not self.running:
+            return
+        sched = self.retry_schedule
+        delay = sched[min(qmsg.attempts - 1, len(sched) - 1)]
+        self._timers[qmsg.qid] = self.reactor.callLater(delay, self.submit, qmsg)
+
+    def _log_status(self, qmsg, to, orig, status, reason):
+        delay = max(0.0, self.reactor.seconds() - qmsg.envelope.arrival)
+        orig_part = f", orig_to=<{orig}>" if orig.lower() != to.lower() else ""
+        self.log.info("{qid}: to=<{to}>{orig}, delay={delay:.2f}, status={status} ({reason})",
+                      qid=qmsg.qid, to=to, orig=orig_part, delay=delay, status=status,
+                      reason=reason)

@@ -1,0 +1,625 @@
+"""The ESMTP receiver (RFC 5321) used on the MX port.
+
+Written on a bare ``Protocol`` rather than ``twisted.mail.smtp.ESMTP`` because
+the receiver must own its framing: CRLF-only line ends with bare CR/LF refused
+(SMTP smuggling), the 512/1000-octet limits, plaintext dropped after STARTTLS,
+pipelined commands answered strictly in order while directory lookups run, and
+message bodies handled a chunk of many lines at a time instead of one Python
+call per line. Decisions are left to the policy chain; storage to the spool.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from email.utils import formatdate
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from mailbox_appliance.queue.spool import Envelope, SpoolError
+from mailbox_appliance.smtp import address
+from mailbox_appliance.smtp.policy import Verdict
+from mailbox_appliance.smtp.session import SessionState
+
+MAX_COMMAND_LINE = 512          # octets including CRLF (RFC 5321 4.5.3.1.4)
+MAX_TEXT_LINE = 1000            # octets including CRLF (RFC 5321 4.5.3.1.6)
+MAX_JUNK_LINE = 65536           # past this an unterminated command line ends the session
+MAX_PENDING_INPUT = 65536       # stop reading while this much waits behind a slow command
+MAX_JUNK_COMMANDS = 100
+_HELO_NAME = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,255}$")
+_RECEIVED = re.compile(rb"(?im)^received:")
+_FORBIDDEN = {"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "USER"}
+
+CMD, DATA, CLOSING = range(3)
+
+
+class MessageView:
+    """What the end-of-data policy checks may see of a received message."""
+
+    def __init__(self, incoming, received_count, size):
+        self.incoming = incoming
+        self.received_count = received_count
+        self.size = size
+
+    @property
+    def qid(self):
+        return self.incoming.qid
+
+
+class SMTPServerProtocol(Protocol):
+    """One ESMTP session. See the module docstring for why it is hand-written."""
+
+    log = Logger()
+    protocol_name = "ESMTP"
+
+    def __init__(self, factory):
+        self.factory = factory
+        self.reactor = factory.reactor
+        self.session = SessionState(listener=factory.listener)
+        self._buf = bytearray()
+        self._mode = CMD
+        self._busy = False
+        self._paused = False
+        self._discarding = 0            # length of an overlong line being skipped
+        self._errors = 0
+        self._junk = 0
+        self._timer = None
+        self._deadline = None
+        self._tls_active = False
+        self._incoming = None
+        self._last_command = ""
+
+    # -- connection -------------------------------------------------------
+
+    def connectionMade(self):
+        peer = self.transport.getPeer()
+        self.session.client_ip = getattr(peer, "host", "")
+        self.session.client_port = getattr(peer, "port", 0)
+        self.session.trusted = self.factory.is_trusted(self.session.client_ip)
+        self._reset_timer()
+        self._deadline = self.reactor.callLater(self.factory.config.smtp.session_deadline,
+                                                self._deadline_passed)
+        self._busy = True
+        d = self.factory.policy.run("connect", self.session, None)
+        d.addCallback(self._greet)
+        d.addErrback(self._internal_error)
+
+    def _greet(self, verdict):
+        if verdict is not None:
+            self._reply_verdict(verdict)
+            self._close()
+            return
+        self._reply(220, None, f"{self.factory.hostname} ESMTP mailbox_appliance")
+        self._unbusy()
+
+    def connectionLost(self, reason):
+        self._mode = CLOSING
+        for t in (self._timer, self._deadline):
+            if t is not None and t.active():
+                t.cancel()
+        if self._incoming is not None:
+            self._incoming.abort()
+            self._incoming = None
+
+    def _close(self):
+        self._mode = CLOSING
+        self._buf.clear()
+        self.transport.loseConnection()
+
+    def _reset_timer(self):
+        timeout = (self.factory.config.smtp.data_timeout if self._mode == DATA
+                   else self.factory.config.smtp.command_timeout)
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(timeout)
+        else:
+            self._timer = self.reactor.callLater(timeout, self._timed_out)
+
+    def _timed_out(self):
+        self._reply(421, "4.4.2", f"{self.factory.hostname} Error: timeout exceeded")
+        self._close()
+
+    def _deadline_passed(self):
+        self._reply(421, "4.4.2", f"{self.factory.hostname} Error: session too long")
+        self._close()
+
+    # -- replies ----------------------------------------------------------
+
+    def _reply(self, code, enhanced, text, count_error=True):
+        if self._mode == CLOSING and code != 421 and code != 221:
+            return
+        if enhanced:
+            text = f"{enhanced} {text}"
+        self.transport.write(f"{code} {text}\r\n".encode("ascii", "replace"))
+        if count_error and code >= 400 and code != 421:
+            self._errors += 1
+            if self._errors >= self.factory.config.smtp.max_errors:
+                self.transport.write(b"421 4.7.0 Error: too many errors\r\n")
+                self._close()
+
+    def _reply_lines(self, code, lines):
+        out = [f"{code}-{l}" for l in lines[:-1]] + [f"{code} {lines[-1]}"]
+        self.transport.write(("\r\n".join(out) + "\r\n").encode("ascii", "replace"))
+
+    def _reply_verdict(self, verdict: Verdict):
+        self._reply(verdict.code, verdict.enhanced, verdict.text)
+
+    def _internal_error(self, failure):
+        self.log.failure("internal error in SMTP session", failure)
+        if self._mode != CLOSING:
+            self._reply(421, "4.3.0", f"{self.factory.hostname} Error: internal error")
+            self._close()
+
+    # -- input ------------------------------------------------------------
+
+    def dataReceived(self, data):
+        if self._mode == CLOSING:
+            return
+        self._buf += data
+        self._pump()
+
+    def _pump(self):
+        while self._mode != CLOSING and not self._busy:
+            if self._mode == DATA:
+                if not self._process_data():
+                    break
+            elif not self._process_command():
+                break
+        if self._mode == CLOSING:
+            return
+        if self._busy and len(self._buf) > MAX_PENDING_INPUT and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _unbusy(self):
+        self._busy = False
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        self._pump()
+
+    def _process_command(self) -> bool:
+        """Handle one command line from the buffer; False when more input is needed."""
+        buf = self._buf
+        i = buf.find(b"\r\n")
+        if self._discarding:
+            if i < 0:
+                self._discarding += len(buf)
+                keep = 1 if buf.endswith(b"\r") else 0
+                del buf[:len(buf) - keep]
+                if self._discarding > MAX_JUNK_LINE:
+                    self._reply(421, "4.7.0", "Error: line too long, closing")
+                    self._close()
+                return False
+            del buf[:i + 2]
+            self._discarding = 0
+            self._reply(500, "5.5.2", "Error: line too long")
+            return True
+        if i < 0:
+            if len(buf) >= MAX_COMMAND_LINE:
+                self._discarding = len(buf)
+                keep = 1 if buf.endswith(b"\r") else 0
+                del buf[:len(buf) - keep]
+            return False
+        line = bytes(buf[:i])
+        del buf[:i + 2]
+        self._reset_timer()
+        if i + 2 > MAX_COMMAND_LINE:
+            self._reply(500, "5.5.2", "Error: line too long")
+            return True
+        self._await(self._dispatch(line))
+        return True
+
+    def _await(self, d):
+        """Hold further input until ``d`` (a command's answer) has fired."""
+        if not isinstance(d, defer.Deferred):
+            return
+        d.addErrback(self._internal_error)
+        if d.called and not d.paused:
+            return          # answered at once: the caller's loop goes on
+        self._busy = True
+        d.addBoth(self._resume)
+
+    def _resume(self, _):
+        if self._mode != CLOSING:
+            self._unbusy()
+
+    def _dispatch(self, line: bytes):
+        try:
+            text = line.decode("ascii")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or any(c in text for c in "\r\n\x00"):
+            # A raw CR, LF or NUL inside a command would end up in headers or logs.
+            verb = line.split(b" ", 1)[0].upper()
+            if verb in (b"MAIL", b"RCPT") and text is None:
+                return self._reply(553, "5.6.7", "Error: non-ASCII address needs SMTPUTF8")
+            return self._reply(501, "5.5.2", "Error: bad characters in command")
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        self._last_command = verb
+        handler = getattr(self, "smtp_" + verb, None)
+        if verb in _FORBIDDEN or verb.endswith(":"):
+            self.log.warn("non-SMTP command from {ip}: {verb}", ip=self.session.client_ip,
+                          verb=verb[:20])
+            self._reply(221, "2.7.0", "Error: I can break rules, too. Goodbye.", False)
+            self._close()
+            return None
+        if handler is None:
+            self._junk_command()
+            return self._reply(502, "5.5.2", "Error: command not recognized")
+        return handler(arg)
+
+    def _junk_command(self):
+        self._junk += 1
+        if self._junk > MAX_JUNK_COMMANDS:
+            self._reply(421, "4.7.0", "Error: too many junk commands")
+            self._close()
+
+    def _pipelined_input(self) -> bool:
+        return bool(self._buf)
+
+    # -- commands ---------------------------------------------------------
+
+    def _ehlo_lines(self):
+        f = self.factory
+        lines = [f.hostname, "PIPELINING", f"SIZE {f.config.server.max_message_size}",
+                 "8BITMIME", "ENHANCEDSTATUSCODES"]
+        if f.tls_context is not None and not self._tls_active:
+            lines.append("STARTTLS")
+        return lines
+
+    def _helo(self, arg, esmtp):
+        name = arg.strip()
+        if not _HELO_NAME.match(name):
+            return self._reply(501, "5.5.4", "Syntax: EHLO hostname")
+
+        def answered(verdict):
+            if verdict is not None:
+                return self._reply_verdict(verdict)
+            self.session.helo = name
+            self.session.esmtp = esmtp
+            self.session.reset_transaction()
+            self._abort_incoming()
+            if esmtp:
+                self._reply_lines(250, self._ehlo_lines())
+            else:
+                # HELO clients did not ask for PIPELINING: talking ahead is a bot.
+                if self._pipelined_input():
+                    return self._sync_error()
+                self._reply(250, None, self.factory.hostname)
+        return self.factory.policy.run("helo", self.session, name).addCallback(answered)
+
+    def smtp_HELO(self, arg):
+        return self._helo(arg, False)
+
+    def smtp_EHLO(self, arg):
+        return self._helo(arg, True)
+
+    def _sync_error(self):
+        self.log.warn("improper command pipelining from {ip}", ip=self.session.client_ip)
+        self._reply(554, "5.5.0", "Error: SMTP protocol synchronization", False)
+        self._close()
+
+    def smtp_STARTTLS(self, arg):
+        if arg:
+            return self._reply(501, "5.5.4", "Syntax: STARTTLS")
+        if self.factory.tls_context is None or self._tls_active:
+            return self._reply(503, "5.5.1", "Error: TLS not available" if not self._tls_active
+                               else "Error: TLS already active")
+        self._reply(220, "2.0.0", "Ready to start TLS")
+        # Anything pipelined behind STARTTLS was sent in plaintext: forget it
+        # (CVE-2011-0411), and forget what was said before the handshake.
+        self._buf.clear()
+        self.transport.startTLS(self.factory.tls_context)
+        self._tls_active = True
+        self.session.helo = ""
+        self.session.esmtp = False
+        self.session.authenticated = ""
+        self.session.reset_transaction()
+        return None
+
+    def smtp_NOOP(self, arg):
+        self._junk_command()
+        self._reply(250, "2.0.0", "Ok")
+
+    def smtp_RSET(self, arg):
+        self._junk_command()
+        self.session.reset_transaction()
+        self._abort_incoming()
+        self._reply(250, "2.0.0", "Ok")
+
+    def smtp_QUIT(self, arg):
+        self._reply(221, "2.0.0", "Bye")
+        self._close()
+
+    def smtp_VRFY(self, arg):
+        # No user enumeration: the RFC 5321 3.5.3 "cannot verify" answer.
+        self._junk_command()
+        self._reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
+
+    def smtp_EXPN(self, arg):
+        self._junk_command()
+        self._reply(502, "5.5.1", "Error: EXPN not available")
+
+    def smtp_HELP(self, arg):
+        self._junk_command()
+        self._reply(214, "2.0.0", "See RFC 5321")
+
+    def smtp_MAIL(self, arg):
+        s = self.session
+        if not s.helo:
+            return self._reply(503, "5.5.1", "Error: send HELO/EHLO first")
+        if s.sender is not None:
+            return self._reply(503, "5.5.1", "Error: nested MAIL command")
+        try:
+            path_text, params = address.split_path_and_params(arg, "FROM")
+            params = address.parse_params(params)
+            if params and not s.esmtp:
+                raise address.AddressError(555, "5.5.4", "Parameters need EHLO")
+            path = address.parse_path(path_text, sender=True)
+            body_8bit = self._mail_params(params)
+        except address.AddressError as e:
+            return self._reply(e.code, e.enhanced, e.text)
+
+        def answered(verdict):
+            if verdict is not None:
+                return self._reply_verdict(verdict)
+            s.sender = path
+            s.recipients = []
+            s.body_8bit = body_8bit
+            self._reply(250, "2.1.0", "Ok")
+        return self.factory.policy.run("mail", s, path).addCallback(answered)
+
+    def _mail_params(self, params):
+        body_8bit = False
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    raise address.AddressError(501, "5.5.4", "Bad SIZE parameter")
+                if int(value) > self.factory.config.server.max_message_size:
+                    raise address.AddressError(552, "5.3.4", "Message size exceeds fixed limit")
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    raise address.AddressError(501, "5.5.4", "Bad BODY parameter")
+                body_8bit = value.upper() == "8BITMIME"
+            else:
+                raise address.AddressError(555, "5.5.4", f"Unsupported parameter {key}")
+        return body_8bit
+
+    def smtp_RCPT(self, arg):
+        s = self.session
+        if s.sender is None:
+            return self._reply(503, "5.5.1", "Error: need MAIL command")
+        if len(s.recipients) >= self.factory.config.smtp.max_recipients:
+            return self._reply(452, "4.5.3", "Error: too many recipients")
+        try:
+            path_text, params = address.split_path_and_params(arg, "TO")
+            params = address.parse_params(params)
+            if params:
+                raise address.AddressError(555, "5.5.4",
+                                           f"Unsupported parameter {next(iter(params))}")
+            path = address.parse_path(path_text, sender=False)
+        except address.AddressError as e:
+            return self._reply(e.code, e.enhanced, e.text)
+        if not path.domain and not path.has_routing and path.local.lower() == "postmaster":
+            # RFC 5321 4.5.1: <Postmaster> without a domain must be accepted.
+            path = address.Path(local="postmaster", domain=self.factory.domains[0])
+
+        def answered(verdict):
+            if verdict is not None:
+                return self._reply_verdict(verdict)
+            s.recipients.append(path)
+            self._reply(250, "2.1.5", "Ok")
+        return self.factory.policy.run("rcpt", s, path).addCallback(answered)
+
+    def smtp_DATA(self, arg):
+        s = self.session
+        if arg:
+            return self._reply(501, "5.5.4", "Syntax: DATA")
+        if s.sender is None:
+            return self._reply(503, "5.5.1", "Error: need MAIL command")
+        if not s.recipients:
+            return self._reply(554, "5.5.1", "Error: no valid recipients")
+        if self._pipelined_input():
+            # RFC 2920: DATA ends a pipelined group; a body sent before 354 is
+            # a client not waiting for our answers.
+            return self._sync_error()
+
+        def answered(verdict):
+            if verdict is not None:
+                return self._reply_verdict(verdict)
+            try:
+                self._start_data()
+            except (OSError, SpoolError) as e:
+                self.log.error("cannot open queue file: {why}", why=str(e))
+                return self._reply(451, "4.3.0", "Error: queue file write error")
+            self._reply(354, None, "End data with <CR><LF>.<CR><LF>")
+        return self.factory.policy.run("data", s, None).addCallback(answered)
+
+    # -- message body -------------------------------------------------------
+
+    def _start_data(self):
+        s = self.session
+        env = Envelope(sender=s.sender.address, recipients=[r.address for r in s.recipients],
+                       arrival=self.reactor.seconds(), client_ip=s.client_ip, helo=s.helo,
+                       protocol=self._with_protocol(), auth=s.authenticated)
+        self._incoming = inc = self.factory.spool.new_message(env)
+        inc.write_header()
+        inc.write(self._received_header(inc.qid).encode("ascii", "replace"))
+        self._mode = DATA
+        self._reset_timer()
+        self._data_error = None
+        self._in_headers = True
+        self._mid_line = False
+        self._received_count = 0
+        self._body_size = 0
+
+    def _with_protocol(self):
+        p = self.protocol_name if self.session.esmtp else "SMTP"
+        if self._tls_active:
+            p += "S"
+        if self.session.authenticated:
+            p += "A"
+        return p
+
+    def _tls_description(self):
+        if not self._tls_active:
+            return ""
+        try:
+            conn = self.transport.getHandle()
+            return f" (using {conn.get_protocol_version_name()} with cipher {conn.get_cipher_name()})"
+        except Exception:
+            return " (using TLS)"
+
+    def _received_header(self, qid):
+        s = self.session
+        rcpt = f"\r\n\tfor <{s.recipients[0].address}>" if len(s.recipients) == 1 else ""
+        return (f"Received: from {s.helo} ([{s.client_ip}]){self._tls_description()}\r\n"
+                f"\tby {self.factory.hostname} (mailbox_appliance) with {self._with_protocol()}"
+                f" id {qid}{rcpt};\r\n\t{formatdate(self.reactor.seconds(), localtime=True)}\r\n")
+
+    def _process_data(self) -> bool:
+        """Consume whole lines of the body; True when the terminator was seen."""
+        buf = self._buf
+        self._reset_timer()
+        if self._mid_line:
+            # Rest of an overlong line that was already flagged and dropped.
+            i = buf.find(b"\r\n")
+            if i < 0:
+                keep = 1 if buf.endswith(b"\r") else 0
+                del buf[:len(buf) - keep]
+                return False
+            del buf[:i + 2]
+            self._mid_line = False
+        if buf.startswith(b".\r\n"):
+            del buf[:3]
+            self._end_of_data()
+            return True
+        j = buf.find(b"\r\n.\r\n")
+        if j >= 0:
+            chunk = bytes(buf[:j + 2])
+            del buf[:j + 5]
+            self._body_chunk(chunk)
+            self._end_of_data()
+            return True
+        k = buf.rfind(b"\r\n")
+        if k >= 0:
+            chunk = bytes(buf[:k + 2])
+            del buf[:k + 2]
+            self._body_chunk(chunk)
+        if len(buf) >= MAX_TEXT_LINE:
+            # A line longer than the limit and no end in sight: drop it now
+            # rather than buffer it (a CR at the end may begin the CRLF).
+            self._flag(500, "5.5.2", "Error: message line too long")
+            keep = 1 if buf.endswith(b"\r") else 0
+            del buf[:len(buf) - keep]
+            self._mid_line = True
+        return False
+
+    def _flag(self, code, enhanced, text):
+        if self._data_error is None:
+            self._data_error = (code, enhanced, text)
+
+    def _body_chunk(self, chunk: bytes):
+        crlf = chunk.count(b"\r\n")
+        if chunk.count(b"\n") != crlf or chunk.count(b"\r") != crlf:
+            if self.session.trusted:
+                chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+                crlf = chunk.count(b"\r\n")
+            else:
+                self.log.warn("bare <CR> or <LF> received from {ip}", ip=self.session.client_ip)
+                self._flag(550, "5.6.0", "Error: bare <CR> or <LF> received")
+        if len(chunk) > MAX_TEXT_LINE - 2 and crlf and \
+                max(map(len, chunk.split(b"\r\n"))) > MAX_TEXT_LINE - 2:
+            self._flag(500, "5.5.2", "Error: message line too long")
+        if chunk[:1] == b"." or b"\r\n." in chunk:
+            chunk = (b"\r\n" + chunk).replace(b"\r\n.", b"\r\n")[2:]
+        if self._in_headers:
+            if chunk.startswith(b"\r\n"):
+                head, self._in_headers = b"", False
+            else:
+                end = chunk.find(b"\r\n\r\n")
+                head = chunk if end < 0 else chunk[:end + 2]
+                if end >= 0:
+                    self._in_headers = False
+            self._received_count += len(_RECEIVED.findall(head))
+        self._body_size += len(chunk)
+        if self._body_size > self.factory.config.server.max_message_size:
+            self._flag(552, "5.3.4", "Error: message size exceeds fixed limit")
+        if self._data_error is None:
+            self._incoming.write(chunk)
+
+    def _end_of_data(self):
+        self._mode = CMD
+        self._reset_timer()
+        inc, self._incoming = self._incoming, None
+        s = self.session
+        if self._data_error is not None:
+            inc.abort()
+            s.reset_transaction()
+            return self._reply(*self._data_error)
+        view = MessageView(inc, self._received_count, self._body_size)
+        d = self.factory.policy.run("eod", s, view)
+
+        def judged(verdict):
+            if verdict is not None:
+                inc.abort()
+                self._reply_verdict(verdict)
+                return None
+            return self.factory.spool.commit(inc).addCallbacks(queued, failed)
+
+        def queued(qmsg):
+            self.log.info("{qid}: client=[{ip}], from=<{sender}>, size={size}, nrcpt={n}",
+                          qid=qmsg.qid, ip=s.client_ip, sender=qmsg.envelope.sender,
+                          size=qmsg.size, n=len(qmsg.envelope.recipients))
+            self._reply(250, "2.0.0", f"Ok: queued as {qmsg.qid}")
+            self.factory.queue.submit(qmsg)
+
+        def failed(f):
+            self.log.error("{qid}: queue write failed: {why}", qid=inc.qid,
+                           why=f.getErrorMessage())
+            self._reply(451, "4.3.0", "Error: queue file write error")
+
+        def finish(result):
+            s.reset_transaction()
+            return result
+
+        self._await(d.addCallback(judged).addBoth(finish))
+
+    def _abort_incoming(self):
+        if self._incoming is not None:
+            self._incoming.abort()
+            self._incoming = None
+
+
+class SMTPServerFactory(Factory):
+    """Builds MX sessions; holds what they share (config, policy, spool, queue)."""
+
+    protocol = SMTPServerProtocol
+    listener = "smtp"
+
+    def __init__(self, reactor, config, policy, spool, queue, tls_context=None):
+        self.reactor = reactor
+        self.config = config
+        self.hostname = config.server.hostname
+        self.domains = [d.lower() for d in config.server.domains]
+        self.policy = policy
+        self.spool = spool
+        self.queue = queue
+        self.tls_context = tls_context
+        self._relay_nets = config.relay_nets()
+
+    def is_trusted(self, ip):
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if addr.version == 6 and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self._relay_nets)
+
+    def buildProtocol(self, addr):
+        p = self.protocol(self)
+        return p
