@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 
 from twisted.application import internet, service
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
 from mailbox_appliance import tls
 from mailbox_appliance.delivery.maildir import MaildirDelivery
 from mailbox_appliance.delivery.router import Router
-from mailbox_appliance.directory.service import DirectoryService
 from mailbox_appliance.queue.manager import QueueManager
 from mailbox_appliance.queue.spool import Spool
 from mailbox_appliance.smtp.policy import HopCount, PolicyChain, RecipientExists, RelayAccess
@@ -39,6 +38,7 @@ class Appliance(service.MultiService):
         self.tls_context, self.certificate_path = tls.server_context_factory(config)
 
         if directory is None:
+            from mailbox_appliance.directory.service import DirectoryService
             self.directory_service = DirectoryService(reactor, config)
             self.directory_service.setServiceParent(self)
             directory = self.directory_service.directory
@@ -71,3 +71,13 @@ class Appliance(service.MultiService):
         svc.setName(f"listen-{name}")
         svc.setServiceParent(self)
         self.listeners[name] = svc
+
+    def listening_port(self, name):
+        """A Deferred firing with the IListeningPort of listener ``name``."""
+        d = defer.Deferred()
+
+        def got(port):
+            d.callback(port)
+            return port     # the service still needs it to stop listening
+        self.listeners[name]._waitingForPort.addCallback(got)
+        return d

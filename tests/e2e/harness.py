@@ -1,0 +1,145 @@
+"""Runs the real ``twistd -n mailappliance`` process for end-to-end tests.
+
+Each test gets its own temporary config, data_dir and free loopback ports, so
+e2e tests can run side by side.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+TWISTD = [sys.executable, "-c",
+          "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_twistd(config_path, timeout=30):
+    """Run twistd once in the foreground (for configurations that must fail)."""
+    return subprocess.run(TWISTD + ["-n", "--pidfile=", "mailappliance", "--config", config_path],
+                          capture_output=True, text=True, timeout=timeout, env=child_env(),
+                          cwd=os.path.dirname(config_path))
+
+
+def run_cli(*args, timeout=30):
+    return subprocess.run([sys.executable, "-m", "mailbox_appliance.cli", *args],
+                          capture_output=True, text=True, timeout=timeout, env=child_env(),
+                          cwd=ROOT)
+
+
+class ApplianceProcess:
+    """One appliance process with its own folder, config and ports."""
+
+    def __init__(self, workdir, domains=("example.test",), extra="", ldif=None,
+                 directory_url="", directory_extra=""):
+        self.workdir = os.path.abspath(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.smtp_port = free_port()
+        self.data_dir = os.path.join(self.workdir, "var")
+        self.log_path = os.path.join(self.workdir, "twistd.log")
+        ldif_name = "directory.ldif"
+        shutil.copy(ldif or os.path.join(FIXTURES, "directory.ldif"),
+                    os.path.join(self.workdir, ldif_name))
+        doms = ", ".join(f'"{d}"' for d in domains)
+        directory = (f'url = "{directory_url}"\n' if directory_url
+                     else f'ldif = "{ldif_name}"\n') + directory_extra
+        self.config_path = os.path.join(self.workdir, "mailappliance.toml")
+        with open(self.config_path, "w") as f:
+            f.write(textwrap.dedent(f"""\
+                [server]
+                hostname = "mx.example.test"
+                domains = [{doms}]
+                data_dir = "var"
+                [listen]
+                smtp = "tcp:{self.smtp_port}:interface=127.0.0.1"
+                [directory]
+                base_dn = "dc=example,dc=test"
+                cache_ttl = 5
+                """) + directory + extra)
+        self.proc = None
+
+    def start(self, wait=30):
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            TWISTD + ["-n", "--pidfile=", "--logfile=-", "mailappliance",
+                      "--config", self.config_path],
+            stdout=self._log, stderr=subprocess.STDOUT, env=child_env(), cwd=self.workdir)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"appliance exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.smtp_port), timeout=2) as s:
+                    s.settimeout(5)
+                    if s.recv(100).startswith(b"220"):
+                        s.sendall(b"QUIT\r\n")
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("appliance did not start:\n" + self.log())
+
+    def stop(self, sig=signal.SIGTERM, wait=20):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+    def kill(self):
+        self.stop(signal.SIGKILL)
+
+    def log(self):
+        try:
+            with open(self.log_path, "r", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def maildir(self, local, domain="example.test"):
+        return os.path.join(self.data_dir, "mail", domain, local, "Maildir")
+
+    def messages(self, local, domain="example.test"):
+        """Contents of every message in the user's new/ and cur/."""
+        out = []
+        for sub in ("new", "cur"):
+            d = os.path.join(self.maildir(local, domain), sub)
+            if os.path.isdir(d):
+                for n in sorted(os.listdir(d)):
+                    with open(os.path.join(d, n), "rb") as f:
+                        out.append(f.read())
+        return out
+
+    def queue_ids(self):
+        d = os.path.join(self.data_dir, "queue", "active")
+        if not os.path.isdir(d):
+            return []
+        return sorted(n for n in os.listdir(d) if not n.endswith(".done"))
+
+    def wait_for(self, predicate, timeout=20, what="condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}\n{self.log()[-3000:]}")
