@@ -34,7 +34,8 @@ from tests.ldap_helpers import (
 def start_embedded(testcase, server_class=EmbeddedLDAPServer, path=FIXTURE, **kwargs):
     """Start an embedded server on ``path``; stopped when the test ends."""
     server = server_class(path, reactor=reactor, **kwargs)
-    url = yield server.startService()
+    server.startService()
+    url = yield server.whenReady()
     testcase.addCleanup(lambda: server.stopService() if server.running else None)
     return server, url
 
@@ -355,6 +356,14 @@ class EmbeddedServerTests(unittest.TestCase):
             protocol.Factory.forProtocol(ldapclient.LDAPClient))
         self.addCleanup(self.client.transport.loseConnection)
 
+    @defer.inlineCallbacks
+    def test_start_returns_url(self):
+        server = EmbeddedLDAPServer(FIXTURE, reactor=reactor)
+        url = yield server.startService()
+        self.addCleanup(server.stopService)
+        self.assertEqual(url, server.url)
+        self.assertNotEqual(url, self.url)
+
     def test_url(self):
         self.assertTrue(self.url.startswith("ldap://127.0.0.1:"))
         self.assertEqual(self.server.url, self.url)
@@ -502,9 +511,11 @@ class LoadTests(unittest.TestCase):
         path = self.write(b"dn: dc=example,dc=test\nobjectClass: dcObject\n\n"
                           b"dn: uid=x,ou=missing,dc=example,dc=test\nuid: x\n\n")
         server = EmbeddedLDAPServer(path, reactor=reactor)
-        d = server.startService()
+        early = server.whenReady()
+        started = yield server.startService()
+        self.assertIsNone(started)
         self.addCleanup(server.stopService)
-        yield self.assertFailure(d, Exception)
+        yield self.assertFailure(early, Exception)
         yield self.assertFailure(server.whenReady(), Exception)
         self.assertIsNone(server.url)
         self.flushLoggedErrors()
@@ -512,7 +523,8 @@ class LoadTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_missing_file(self):
         server = EmbeddedLDAPServer(self.mktemp(), reactor=reactor)
-        yield self.assertFailure(server.startService(), OSError)
+        server.startService()
+        yield self.assertFailure(server.whenReady(), OSError)
         self.flushLoggedErrors()
         yield server.stopService()
 

@@ -321,13 +321,18 @@ class EmbeddedLDAPServer(service.Service):
         return d
 
     def startService(self):
-        """Load the LDIF and listen; returns the Deferred of readiness as well."""
+        """Load the LDIF and listen.
+
+        Returns a Deferred firing with the URL, or with C{None} when start-up
+        failed (logged; L{whenReady} fails then).  It never fails, so a parent
+        service may drop it.
+        """
         service.Service.startService(self)
         self._outcome = None
         self._starting = d = load_ldif(self.ldif_path)
         d.addCallback(self._listen)
         d.addCallbacks(self._ready, self._failed)
-        return self.whenReady()
+        return self.whenReady().addErrback(lambda _: None)
 
     def _listen(self, root):
         self.root = root

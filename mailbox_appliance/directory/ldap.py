@@ -317,6 +317,8 @@ class _Connection:
                 for d in waiting:
                     d.callback(result)
                 return None
+        elif self.closed:
+            result = DirectoryUnavailable("directory client is closed")
         else:
             reason = _describe(result)
             log.warn("cannot open a directory connection: {reason}", reason=reason)
@@ -395,6 +397,8 @@ class LDAPDirectory:
                                               bind_password, timeout)
         self._auth_slots = defer.DeferredSemaphore(max_auth_connections)
         self._auth_clients = set()
+        self._auth_attempts = set()
+        self._closed = False
 
     @staticmethod
     def _make_endpoint(reactor, tls, host, port, timeout):
@@ -627,7 +631,14 @@ class LDAPDirectory:
     @defer.inlineCallbacks
     def _check_bind(self, dn, password):
         """Bind as ``dn`` on a fresh connection; the result code."""
-        client = yield self._endpoint.connect(protocol.Factory.forProtocol(_Client))
+        if self._closed:
+            raise DirectoryUnavailable("directory client is closed")
+        attempt = self._endpoint.connect(protocol.Factory.forProtocol(_Client))
+        self._auth_attempts.add(attempt)
+        try:
+            client = yield attempt
+        finally:
+            self._auth_attempts.discard(attempt)
         self._auth_clients.add(client)
         client.onLost.append(self._auth_clients.discard)
         try:
@@ -648,7 +659,10 @@ class LDAPDirectory:
 
         The directory cannot be used afterwards.
         """
+        self._closed = True
         waiting = [self._search_connection.close()]
+        for attempt in list(self._auth_attempts):
+            attempt.cancel()
         for client in list(self._auth_clients):
             if client.connected:
                 d = defer.Deferred()
