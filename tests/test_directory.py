@@ -453,6 +453,48 @@ class EmbeddedServerTests(unittest.TestCase):
         self.assertIsNone(self.server.url)
 
 
+class IndexTests(unittest.TestCase):
+    """The equality index gives what a full tree walk gives."""
+
+    @defer.inlineCallbacks
+    def test_same_as_walk(self):
+        root = yield embedded.load_ldif(FIXTURE)
+        index = embedded._EqualityIndex(root)
+        people = yield root.lookup("ou=people,dc=example,dc=test")
+        filters = [
+            user_filter("alice@example.test"),
+            user_filter("LIDDELL@example.test"),
+            user_filter("dup@example.test"),
+            user_filter("*)(uid=*@example.test"),
+            lookup_filter("sales@example.test", bare_alias=True),
+            lookup_filter("staff@example.test"),
+            uid_filter("bob"),
+            uid_filter("BOB"),
+            alias_filter(["everyone@example.test"]),
+            pureldap.LDAPFilter_equalityMatch(
+                attributeDesc=pureldap.LDAPAttributeDescription("rfc822MailMember"),
+                assertionValue=pureldap.LDAPAssertionValue("alice@example.test")),
+        ]
+        checked = 0
+        for f in filters:
+            for base in (root, people):
+                for scope in (pureldap.LDAP_SCOPE_wholeSubtree,
+                              pureldap.LDAP_SCOPE_singleLevel,
+                              pureldap.LDAP_SCOPE_baseObject):
+                    walked = yield base.search(filterObject=f, scope=scope)
+                    candidates = index.candidates(f)
+                    self.assertIsNotNone(candidates, f.asText())
+                    indexed = [e for e in candidates
+                               if embedded._in_scope(base, e, scope) and e.match(f)]
+                    self.assertEqual(sorted(e.dn.getText() for e in indexed),
+                                     sorted(e.dn.getText() for e in walked), f.asText())
+                    checked += len(walked)
+        self.assertGreater(checked, 10)
+        self.assertIsNone(index.candidates(pureldap.LDAPFilter_present("uid")))
+        self.assertIsNone(index.candidates(pureldap.LDAPFilter_or([
+            uid_filter("bob"), pureldap.LDAPFilter_present("uid")])))
+
+
 def pureber_set(*values):
     from ldaptor.protocols import pureber
     return pureber.BERSet([pureber.BEROctetString(v) for v in values])

@@ -17,6 +17,8 @@ Compared with ldaptor's stock ``LDAPServer`` the server here is hardened:
   values are understood -- any other ``{SCHEME}`` value never matches, instead
   of being compared as cleartext as ldaptor would do;
 * the size limit of a search is enforced (``sizeLimitExceeded``);
+* equality filters on ``mail``, ``mailLocalAddress``, ``uid``, ``cn`` and
+  ``rfc822MailMember`` use an index instead of walking the whole tree;
 * stopping the service also closes the connections of its clients.
 """
 
@@ -178,9 +180,7 @@ class ReadOnlyLDAPServer(ldapserver.LDAPServer):
         dn = distinguishedname.DistinguishedName(request.baseObject)
         root = ldaptor_interfaces.IConnectedLDAPEntry(self.factory)
         d = root.lookup(dn)
-        d.addCallback(lambda base: base.search(filterObject=request.filter,
-                                               scope=request.scope,
-                                               derefAliases=request.derefAliases))
+        d.addCallback(self._search, request)
 
         def send(entries):
             for entry in entries[:limit]:
@@ -197,6 +197,14 @@ class ReadOnlyLDAPServer(ldapserver.LDAPServer):
         d.addErrback(defer.logError)
         d.addErrback(self._cbSearchOtherError)
         return d
+
+    def _search(self, base, request):
+        candidates = self.factory.index.candidates(request.filter)
+        if candidates is None:
+            return base.search(filterObject=request.filter, scope=request.scope,
+                               derefAliases=request.derefAliases)
+        return [e for e in candidates
+                if _in_scope(base, e, request.scope) and e.match(request.filter)]
 
     @staticmethod
     def _attributes(entry, request):
@@ -232,11 +240,79 @@ class ReadOnlyLDAPServer(ldapserver.LDAPServer):
     handle_LDAPExtendedRequest = _read_only
 
 
+#: Attributes with an equality index in the embedded server.
+INDEXED_ATTRIBUTES = (b"mail", b"maillocaladdress", b"uid", b"cn", b"rfc822mailmember")
+
+
+class _EqualityIndex:
+    """Equality index of a read-only tree, so a lookup does not walk it all.
+
+    Only a pre-filter: candidates are still checked with ``entry.match``.
+    Keys mirror ldaptor's equality matching (attribute name and value
+    compared case-insensitively, as bytes).
+    """
+
+    def __init__(self, root, attributes=INDEXED_ATTRIBUTES):
+        self.attributes = set(attributes)
+        self.order = {}     # id(entry) -> position in tree order
+        self.keys = {}      # (attribute, value) -> [entry, ...]
+        entries = []
+        root.subtree(callback=entries.append)  # synchronous for the in-memory tree
+        for position, entry in enumerate(entries):
+            self.order[id(entry)] = position
+            for name in entry.keys():
+                attribute = _as_bytes(name).lower()
+                if attribute not in self.attributes:
+                    continue
+                for value in entry.get(name, ()):
+                    self.keys.setdefault((attribute, _as_bytes(value).lower()), []).append(entry)
+
+    def candidates(self, f):
+        """Entries that may match filter ``f`` (tree order), or C{None}: scan all."""
+        found = self._candidates(f)
+        if found is None:
+            return None
+        return sorted(found.values(), key=lambda e: self.order[id(e)])
+
+    def _candidates(self, f):
+        if isinstance(f, pureldap.LDAPFilter_equalityMatch):
+            attribute = _as_bytes(f.attributeDesc.value).lower()
+            if attribute not in self.attributes:
+                return None
+            value = _as_bytes(f.assertionValue.value).lower()
+            return {id(e): e for e in self.keys.get((attribute, value), ())}
+        if isinstance(f, pureldap.LDAPFilter_or):
+            union = {}
+            for part in f:
+                found = self._candidates(part)
+                if found is None:
+                    return None
+                union.update(found)
+            return union
+        if isinstance(f, pureldap.LDAPFilter_and):
+            best = None
+            for part in f:
+                found = self._candidates(part)
+                if found is not None and (best is None or len(found) < len(best)):
+                    best = found
+            return best
+        return None
+
+
+def _in_scope(base, entry, scope):
+    if scope == pureldap.LDAP_SCOPE_baseObject:
+        return entry.dn == base.dn
+    if scope == pureldap.LDAP_SCOPE_singleLevel:
+        return entry.dn.up() == base.dn
+    return base.dn.contains(entry.dn)
+
+
 class _DirectoryFactory(protocol.ServerFactory):
     """Serves one in-memory tree; remembers its live connections."""
 
     def __init__(self, root, protocol_class):
         self.root = root
+        self.index = _EqualityIndex(root)
         self.protocol = protocol_class
         self.connections = {}  # protocol -> Deferreds waiting for its end
 
