@@ -389,8 +389,12 @@ class LDAPDirectory:
         self.url = url
         self.base_dn = base_dn
         self.domains = tuple(d.lower().rstrip(".") for d in domains)
+        if not timeout or timeout <= 0:
+            log.warn("directory timeout {timeout!r} makes no sense; using 10 s",
+                     timeout=timeout)
+            timeout = 10
         self.timeout = timeout
-        self.max_alias_depth = max_alias_depth
+        self.max_alias_depth = max(0, max_alias_depth)
         tls, host, port = parse_url(url)
         self._endpoint = self._make_endpoint(reactor, tls, host, port, timeout)
         self._search_connection = _Connection(reactor, self._endpoint, bind_dn,
