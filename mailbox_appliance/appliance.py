@@ -14,6 +14,7 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 
 from mailbox_appliance import tls
+from mailbox_appliance.durable import BatchWorker
 from mailbox_appliance.delivery.maildir import MaildirDelivery
 from mailbox_appliance.delivery.router import Router
 from mailbox_appliance.queue.manager import QueueManager
@@ -45,10 +46,16 @@ class Appliance(service.MultiService):
         self.directory = directory
 
         domains = config.server.domains
-        self.spool = Spool(reactor, os.path.join(data_dir, "queue"))
+        # Accepting mail must not wait behind deliveries: each side has its
+        # own disk thread. They are not child services because they must
+        # outlive every service that still has disk work in flight.
+        self.receive_worker = BatchWorker(reactor, "receive-io", threads=2)
+        self.delivery_worker = BatchWorker(reactor, "delivery-io", threads=1)
+        self.spool = Spool(reactor, os.path.join(data_dir, "queue"), worker=self.receive_worker)
         self.router = Router(directory, domains)
         self.local_delivery = MaildirDelivery(reactor, os.path.join(data_dir, "mail"),
-                                              config.server.hostname)
+                                              config.server.hostname,
+                                              worker=self.delivery_worker)
         self.queue = QueueManager(reactor, config, self.spool, self.router, self.local_delivery)
         self.queue.setServiceParent(self)
 
@@ -62,6 +69,18 @@ class Appliance(service.MultiService):
             factory = SMTPServerFactory(reactor, config, self.policy, self.spool, self.queue,
                                         tls_context=self.tls_context)
             self._listen("smtp", config.listen.smtp, factory)
+
+    def startService(self):
+        self.receive_worker.start()
+        self.delivery_worker.start()
+        super().startService()
+
+    def stopService(self):
+        def pools_down(result):
+            self.receive_worker.stop()
+            self.delivery_worker.stop()
+            return result
+        return defer.maybeDeferred(super().stopService).addBoth(pools_down)
 
     def _listen(self, name, description, factory):
         endpoint = endpoints.serverFromString(self.reactor, description)

@@ -1,7 +1,7 @@
 """Local delivery into ``data_dir/mail/<domain>/<local part>/Maildir``.
 
 The Maildir protocol: write into ``tmp/``, fsync, rename into ``new/``, fsync
-``new/``. Messages are stored with LF line ends, as Postfix's local(8) and
+``new/`` (once per batch of deliveries into the same Maildir). Messages are stored with LF line ends, as Postfix's local(8) and
 Dovecot do, so mutt and Dovecot read them unchanged; the file name carries
 ``S=`` (size on disk) and ``W=`` (size with CRLF, what IMAP reports).
 
@@ -17,10 +17,10 @@ import hashlib
 import os
 import re
 
-from twisted.internet import threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailbox_appliance.durable import BatchWorker
 from mailbox_appliance.interfaces import IDeliveryAgent
 
 _SAFE_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+=?^_`{|}~.-]{1,64}$")
@@ -55,10 +55,11 @@ class MaildirDelivery:
 
     log = Logger()
 
-    def __init__(self, reactor, mail_root, hostname):
+    def __init__(self, reactor, mail_root, hostname, worker=None):
         self.reactor = reactor
         self.mail_root = mail_root
         self.hostname = re.sub(r"[^A-Za-z0-9.-]", "_", hostname)
+        self.worker = worker or BatchWorker(reactor, "maildir")
 
     def unique_name(self, qmsg, index, target_key):
         tag = hashlib.sha1(target_key.encode()).hexdigest()[:8]
@@ -69,19 +70,29 @@ class MaildirDelivery:
         domain, local = user.mailbox_parts
         path = maildir_path(self.mail_root, domain, local)
         base = self.unique_name(qmsg, index, target_key)
-        return threads.deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), self._write,
-            qmsg, path, base, delivered_to, qmsg.recovered)
+        d = self.worker.submit(self._write, qmsg, path, base, delivered_to, qmsg.recovered)
+
+        def failed(f):
+            if f.check(OSError):
+                raise DeliveryError(f"cannot sync mailbox: {f.getErrorMessage()}")
+            return f
+        return d.addErrback(failed)
 
     def _write(self, qmsg, path, base, delivered_to, check_existing):
         try:
-            ensure_maildir(path)
-            if check_existing and _already_delivered(path, base):
-                return False
+            if check_existing:
+                ensure_maildir(path)
+                if _already_delivered(path, base):
+                    return False, None
             head = (f"Return-Path: <{qmsg.envelope.sender}>\n"
                     f"Delivered-To: {delivered_to}\n").encode("utf-8", "replace")
             tmp = os.path.join(path, "tmp", base)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            try:
+                fd = os.open(tmp, flags, 0o600)
+            except FileNotFoundError:
+                ensure_maildir(path)
+                fd = os.open(tmp, flags, 0o600)
             try:
                 size, crlf_size = _copy_lf(qmsg, fd, head)
                 os.fsync(fd)
@@ -92,12 +103,9 @@ class MaildirDelivery:
             os.close(fd)
             final = os.path.join(path, "new", f"{base},S={size},W={crlf_size}")
             os.rename(tmp, final)
-            dfd = os.open(os.path.join(path, "new"), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-            return True
+            # The rename is durable once new/ is fsync'ed; the worker does that
+            # once for all deliveries of a batch into this Maildir.
+            return True, os.path.join(path, "new")
         except DeliveryError:
             raise
         except OSError as e:
@@ -107,9 +115,13 @@ class MaildirDelivery:
 
 
 def _copy_lf(qmsg, fd, head):
-    """Copy the queued message into ``fd`` with LF line ends; returns sizes."""
+    """Write the message into ``fd`` with LF line ends; returns the two sizes."""
+    if qmsg.data is not None:
+        out = head + qmsg.data.replace(b"\r\n", b"\n")
+        _write_all(fd, out)
+        return len(out), len(out) + out.count(b"\n")
     size = crlf_size = 0
-    os.write(fd, head)
+    _write_all(fd, head)
     size += len(head)
     crlf_size += len(head) + head.count(b"\n")
     carry = b""
@@ -125,14 +137,20 @@ def _copy_lf(qmsg, fd, head):
             if block.endswith(b"\r"):
                 block, carry = block[:-1], b"\r"
             out = block.replace(b"\r\n", b"\n")
-            os.write(fd, out)
+            _write_all(fd, out)
             size += len(out)
             crlf_size += len(out) + out.count(b"\n")
     if carry:
-        os.write(fd, carry)
+        _write_all(fd, carry)
         size += 1
         crlf_size += 1
     return size, crlf_size
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _already_delivered(path, base):

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from mailbox_appliance.config import parse_duration
 from mailbox_appliance.delivery.maildir import DeliveryError
 from mailbox_appliance.interfaces import DirectoryUnavailable
+from mailbox_appliance.maillog import mail_event
 
 
 class QueueManager(Service):
@@ -60,6 +61,9 @@ class QueueManager(Service):
             if t.active():
                 t.cancel()
         self._timers.clear()
+        self._ready.clear()
+        # Let attempts in flight finish their disk work before the pools stop.
+        return self.when_idle()
 
     def submit(self, qmsg):
         """Queue ``qmsg`` for an immediate attempt."""
@@ -130,9 +134,11 @@ class QueueManager(Service):
                 newly_done.append(f"{idx}:*")
             else:
                 pending = True
+        # Later attempts read the file: do not keep the bytes in memory.
+        qmsg.data = None
         if not pending:
             yield self.spool.remove(qmsg)
-            self.log.info("{qid}: removed", qid=qmsg.qid)
+            mail_event(self.log, f"{qmsg.qid}: removed", qid=qmsg.qid)
             return
         if newly_done:
             yield self.spool.mark_done(qmsg, newly_done)
@@ -170,6 +176,5 @@ class QueueManager(Service):
     def _log_status(self, qmsg, to, orig, status, reason):
         delay = max(0.0, self.reactor.seconds() - qmsg.envelope.arrival)
         orig_part = f", orig_to=<{orig}>" if orig.lower() != to.lower() else ""
-        self.log.info("{qid}: to=<{to}>{orig}, delay={delay:.2f}, status={status} ({reason})",
-                      qid=qmsg.qid, to=to, orig=orig_part, delay=delay, status=status,
-                      reason=reason)
+        mail_event(self.log, f"{qmsg.qid}: to=<{to}>{orig_part}, delay={delay:.2f}, "
+                             f"status={status} ({reason})", qid=qmsg.qid, status=status)

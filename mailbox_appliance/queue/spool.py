@@ -6,12 +6,13 @@ Layout (plain files a person can inspect, as in Postfix):
 * ``active/``  committed messages; a file is here only after its data was fsync'ed
 * ``active/<qid>.done``  targets already delivered, one per line, fsync'ed
 * ``corrupt/`` files that could not be parsed, kept for the administrator
+* ``free/``    delivered message files kept to be overwritten by new ones
 
 A message file is ``MAQ1\\n``, one line of JSON envelope, then the message as
-received (CRLF line ends, Received header first). Commit = fsync(file) in a
-worker thread, then rename into ``active/`` and fsync(``active/``) - the directory
-fsync is shared by every message committed at the same time (group commit), and
-no caller hears of success before its own fsync and the shared one are done.
+received (CRLF line ends, Received header first). Commit = write, fsync(file)
+and rename into ``active/`` in the spool's worker thread, then fsync(``active/``)
+once for every message of the same batch (group commit, see
+``durable.BatchWorker``); no caller hears of success before both fsyncs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+
+from mailbox_appliance.durable import BatchWorker
 
 MAGIC = b"MAQ1\n"
 MAX_ENVELOPE = 4 * 1024 * 1024
@@ -71,19 +74,32 @@ class QueuedMessage:
     done: set = field(default_factory=set)
     recovered: bool = False
     attempts: int = 0
+    # The message bytes while still in memory from receipt (small messages,
+    # first attempt only), so the first delivery need not read the file.
+    data: bytes | None = field(default=None, repr=False)
 
 
 class IncomingMessage:
-    """A message being received: a tmp file that DATA chunks are appended to."""
+    """A message being received.
+
+    Its bytes are kept in memory until they pass ``SPILL``; then (and for
+    every later block) they are written to the tmp file in a worker thread,
+    one write after the other. A small message thus touches the disk once, in
+    the commit, and the reactor thread never waits for the file system.
+    """
+
+    SPILL = 256 * 1024
 
     def __init__(self, spool, qid, envelope):
         self.spool = spool
         self.qid = qid
         self.envelope = envelope
         self.tmp_path = os.path.join(spool.tmp_dir, qid)
-        self.fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.fd = None
         self._chunks = []
         self._pending = 0
+        self._io = None             # Deferred of the last spill, if any
+        self.spilled = False
         self.size = 0
         self.error = None
         self.header_len = 0
@@ -103,51 +119,101 @@ class IncomingMessage:
             return
         self._chunks.append(data)
         self._pending += len(data)
-        # Small writes are gathered; the page cache write itself is quick.
-        if self._pending >= 65536:
-            self._flush_chunks()
+        if self._pending >= self.SPILL:
+            self._spill()
 
-    def _flush_chunks(self):
-        if not self._chunks or self.error:
+    def _spill(self):
+        chunks, self._chunks, self._pending = self._chunks, [], 0
+        self.spilled = True
+
+        def work():
+            if self.error is None:
+                self._write_all(chunks)
+
+        def failed(f):
+            self.error = f.value
+        step = lambda _=None: self.spool._thread(work).addErrback(failed)
+        self._io = step() if self._io is None else self._io.addCallback(step)
+
+    def _write_all(self, chunks):
+        """Write chunks to the tmp file (worker thread); opens it on first use."""
+        if self.fd is None:
+            self.fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        if not chunks:
             return
-        try:
-            os.writev(self.fd, self._chunks) if len(self._chunks) > 1 else os.write(self.fd, self._chunks[0])
-        except OSError as e:
-            self.error = e
-        self._chunks = []
-        self._pending = 0
+        total = sum(map(len, chunks))
+        done = os.writev(self.fd, chunks)
+        if done < total:
+            rest = memoryview(b"".join(chunks))[done:]
+            while rest:
+                rest = rest[os.write(self.fd, rest):]
 
-    def abort(self):
-        """Forget the message: close and remove the tmp file."""
-        self._chunks = []
-        if self.fd is not None:
+    def finish_in_thread(self, final_path, recycled=None):
+        """Write the tail, fsync, close and rename into the queue (worker thread).
+
+        ``recycled`` names a spare file of ``free/`` to overwrite instead of
+        creating a new one (see Spool.remove).
+        """
+        if self.error is not None:
+            raise self.error
+        chunks, self._chunks = self._chunks, []
+        source = self.tmp_path
+        if self.fd is None and recycled is not None:
             try:
-                os.close(self.fd)
+                self.fd = os.open(recycled, os.O_WRONLY | os.O_TRUNC)
+                source = recycled
             except OSError:
                 pass
-            self.fd = None
         try:
-            os.unlink(self.tmp_path)
-        except OSError:
-            pass
+            self._write_all(chunks)
+            os.fsync(self.fd)
+        finally:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+        os.rename(source, final_path)
+
+    def abort(self):
+        """Forget the message: close and remove the tmp file, if any."""
+        self._chunks = []
+        self.error = self.error or SpoolError("aborted")
+
+        def cleanup(_=None):
+            if self.fd is not None:
+                try:
+                    os.close(self.fd)
+                except OSError:
+                    pass
+                self.fd = None
+            _unlink_quietly(self.tmp_path)
+        if self._io is not None:
+            self._io.addCallback(lambda _: self.spool._thread(cleanup)).addErrback(
+                lambda _: cleanup())
+        elif self.fd is not None:
+            cleanup()
 
 
 class Spool:
     """The queue directory, with group-committed durable writes."""
 
     log = Logger()
+    MAX_FREE = 1024
 
-    def __init__(self, reactor, root):
+    def __init__(self, reactor, root, worker=None):
         self.reactor = reactor
         self.root = root
+        # Commits, done-records and removals: batched, one thread.
+        self.worker = worker or BatchWorker(reactor, "spool")
         self.tmp_dir = os.path.join(root, "tmp")
         self.active_dir = os.path.join(root, "active")
         self.corrupt_dir = os.path.join(root, "corrupt")
-        for d in (self.tmp_dir, self.active_dir, self.corrupt_dir):
+        self.free_dir = os.path.join(root, "free")
+        for d in (self.tmp_dir, self.active_dir, self.corrupt_dir, self.free_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
         self._counter = itertools.count()
-        self._waiting = []          # (incoming, deferred) synced, awaiting rename
-        self._renaming = False
+        self._free = []             # spare files in free/, to be overwritten
+        self._freeing = 0
+        self._free_names = itertools.count(int(time.time() * 1000))
 
     def _thread(self, f, *a):
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *a)
@@ -158,80 +224,34 @@ class Spool:
                               next(self._counter) & 0xFFFF)
 
     def new_message(self, envelope: Envelope) -> IncomingMessage:
-        """Open a tmp file for a message about to be received."""
-        for _ in range(5):
-            try:
-                return IncomingMessage(self, self.new_qid(), envelope)
-            except FileExistsError:
-                continue
-        raise SpoolError("cannot allocate a queue file")
+        """A new message to receive; nothing touches the disk until it grows."""
+        return IncomingMessage(self, self.new_qid(), envelope)
 
     def commit(self, msg: IncomingMessage):
         """Make ``msg`` durable; fires with a QueuedMessage after both fsyncs."""
-        msg._flush_chunks()
-        if msg.error:
-            err = msg.error
-            msg.abort()
-            return defer.fail(SpoolError(f"write failed: {err}"))
-        fd, msg.fd = msg.fd, None
+        final = os.path.join(self.active_dir, msg.qid)
+        data = None if msg.spilled else b"".join(msg._chunks[1:])
 
-        def sync():
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        def durable(_):
+            return QueuedMessage(qid=msg.qid, envelope=msg.envelope, path=final,
+                                 body_offset=msg.header_len, size=msg.size, data=data)
 
-        d = self._thread(sync)
-        done = defer.Deferred()
-
-        def synced(_):
-            self._waiting.append((msg, done))
-            if not self._renaming:
-                self._rename_batch()
+        recycled = self._free.pop() if self._free and not msg.spilled else None
 
         def failed(f):
-            msg.abort()
-            done.errback(SpoolError(f"fsync failed: {f.getErrorMessage()}"))
+            _unlink_quietly(msg.tmp_path)
+            if recycled:
+                _unlink_quietly(recycled)
+            raise SpoolError(f"commit failed: {f.getErrorMessage()}")
 
-        d.addCallbacks(synced, failed)
-        return done
+        def job():
+            msg.finish_in_thread(final, recycled)
+            return None, self.active_dir
 
-    def _rename_batch(self):
-        batch, self._waiting = self._waiting, []
-        self._renaming = True
-
-        def work():
-            results = []
-            for m, _ in batch:
-                try:
-                    os.rename(m.tmp_path, os.path.join(self.active_dir, m.qid))
-                    results.append(None)
-                except OSError as e:
-                    results.append(e)
-            _fsync_dir(self.active_dir)
-            return results
-
-        def finished(results):
-            for (m, d), err in zip(batch, results):
-                if err is None:
-                    d.callback(QueuedMessage(
-                        qid=m.qid, envelope=m.envelope,
-                        path=os.path.join(self.active_dir, m.qid),
-                        body_offset=m.header_len, size=m.size))
-                else:
-                    m.abort()
-                    d.errback(SpoolError(f"rename failed: {err}"))
-
-        def failed(f):
-            for m, d in batch:
-                d.errback(SpoolError(f"directory fsync failed: {f.getErrorMessage()}"))
-
-        def next_batch(_):
-            self._renaming = False
-            if self._waiting:
-                self._rename_batch()
-
-        self._thread(work).addCallbacks(finished, failed).addBoth(next_batch)
+        def finish(_=None):
+            return self.worker.submit(job)
+        d = finish() if msg._io is None else msg._io.addCallback(finish)
+        return d.addCallbacks(durable, failed)
 
     def mark_done(self, qmsg: QueuedMessage, keys):
         """Record delivered targets durably so a restart does not repeat them."""
@@ -246,17 +266,39 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        return self._thread(work)
+            return None, self.active_dir
+        return self.worker.submit(work)
 
     def remove(self, qmsg: QueuedMessage):
-        """Drop a fully delivered message (no fsync: a survivor is re-checked)."""
+        """Drop a fully delivered message (no fsync: a survivor is re-checked).
+
+        The file is not unlinked but moved to ``free/`` and later overwritten
+        by a new message: creating and deleting an inode per message is what
+        costs most on some file systems (an ext4 without journal scans past
+        every recently deleted inode for each new one).
+        """
+        spare = None
+        if len(self._free) + self._freeing < self.MAX_FREE:
+            spare = os.path.join(self.free_dir, "%X" % next(self._free_names))
+            self._freeing += 1
+
         def work():
-            for p in (qmsg.path, qmsg.path + ".done"):
-                try:
-                    os.unlink(p)
-                except FileNotFoundError:
-                    pass
-        return self._thread(work)
+            _unlink_quietly(qmsg.path + ".done")
+            if spare is None:
+                _unlink_quietly(qmsg.path)
+                return None, None
+            try:
+                os.rename(qmsg.path, spare)
+            except FileNotFoundError:
+                return None, None
+            return spare, None
+
+        def moved(path):
+            if spare is not None:
+                self._freeing -= 1
+                if path:
+                    self._free.append(path)
+        return self.worker.submit(work).addCallback(moved)
 
     def recover(self):
         """Read every committed message left on disk (blocking; for start-up)."""
@@ -265,6 +307,10 @@ class Spool:
                 os.unlink(os.path.join(self.tmp_dir, name))
             except OSError:
                 pass
+        self._free = [os.path.join(self.free_dir, n) for n in os.listdir(self.free_dir)]
+        for extra in self._free[self.MAX_FREE:]:
+            _unlink_quietly(extra)
+        del self._free[self.MAX_FREE:]
         found = []
         for name in sorted(os.listdir(self.active_dir)):
             if name.endswith(".done"):
@@ -300,9 +346,10 @@ class Spool:
                              size=size, done=done, recovered=True)
 
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _unlink_quietly(path):
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        os.unlink(path)
+    except OSError:
+        pass

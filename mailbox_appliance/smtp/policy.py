@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailbox_appliance.interfaces import DirectoryUnavailable, IPolicyCheck
@@ -55,25 +56,56 @@ class PolicyChain:
         else:
             self.checks.append(check)
 
-    @defer.inlineCallbacks
     def run(self, stage, session, argument):
-        """Fire with the first rejecting/tempfailing Verdict, or None to go on."""
-        for check in self.checks:
+        """The first rejecting/tempfailing Verdict, or None to go on.
+
+        Answers directly when every check did (the common case, with cached
+        lookups), and with a Deferred only when some check has to wait.
+        """
+        return self._run_from(0, stage, session, argument)
+
+    def _run_from(self, i, stage, session, argument):
+        checks = self.checks
+        while i < len(checks):
+            check = checks[i]
+            i += 1
             if stage not in check.stages:
                 continue
             try:
-                verdict = yield defer.maybeDeferred(check.check, stage, session, argument)
+                verdict = check.check(stage, session, argument)
             except Exception:
-                self.log.failure("policy check {name} failed at {stage}",
-                                 name=check.name, stage=stage)
-                verdict = Verdict(451, "4.3.0", "Temporary policy failure")
-            if verdict is None:
-                continue
-            if verdict.final_accept:
-                return None
-            if not verdict.accepted:
-                return verdict
+                verdict = self._crashed(Failure(), check, stage)
+            if isinstance(verdict, defer.Deferred):
+                def judged(v, i=i):
+                    decided, result = self._decide(v)
+                    return result if decided else self._run_from(i, stage, session, argument)
+                return verdict.addErrback(self._crashed, check, stage).addCallback(judged)
+            decided, result = self._decide(verdict)
+            if decided:
+                return result
         return None
+
+    @staticmethod
+    def _decide(verdict):
+        if verdict is None:
+            return False, None
+        if verdict.final_accept:
+            return True, None
+        if not verdict.accepted:
+            return True, verdict
+        return False, None
+
+    def _crashed(self, failure, check, stage):
+        self.log.failure("policy check {name} failed at {stage}", failure,
+                         name=check.name, stage=stage)
+        return Verdict(451, "4.3.0", "Temporary policy failure")
+
+
+def then(result, f):
+    """Apply ``f`` to a value that may or may not be a Deferred yet."""
+    if isinstance(result, defer.Deferred):
+        return result.addCallback(f)
+    return f(result)
 
 
 @implementer(IPolicyCheck)
@@ -115,20 +147,22 @@ class RecipientExists:
         self.directory = directory
         self.domains = frozenset(d.lower() for d in domains)
 
-    @defer.inlineCallbacks
     def check(self, stage, session, path):
         if path.domain not in self.domains:
             return None
-        try:
-            resolution = yield self.directory.lookup(f"{path.local}@{path.domain}")
-        except DirectoryUnavailable as e:
+
+        def answered(resolution):
+            if not resolution.known:
+                return Verdict(550, "5.1.1", f"<{path.address}>: Recipient address rejected: "
+                                             "User unknown")
+            return None
+
+        def failed(f):
+            f.trap(DirectoryUnavailable)
             self.log.warn("recipient lookup for <{addr}> failed: {why}",
-                          addr=path.address, why=str(e))
+                          addr=path.address, why=f.getErrorMessage())
             return Verdict(451, "4.4.3", "Temporary lookup failure, try again later")
-        if not resolution.known:
-            return Verdict(550, "5.1.1", f"<{path.address}>: Recipient address rejected: "
-                                         "User unknown")
-        return None
+        return self.directory.lookup(f"{path.local}@{path.domain}").addCallbacks(answered, failed)
 
 
 @implementer(IPolicyCheck)

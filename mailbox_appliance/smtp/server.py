@@ -18,9 +18,10 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from mailbox_appliance.queue.spool import Envelope, SpoolError
+from mailbox_appliance.maillog import mail_event
+from mailbox_appliance.queue.spool import Envelope
 from mailbox_appliance.smtp import address
-from mailbox_appliance.smtp.policy import Verdict
+from mailbox_appliance.smtp.policy import Verdict, then
 from mailbox_appliance.smtp.session import SessionState
 
 MAX_COMMAND_LINE = 512          # octets including CRLF (RFC 5321 4.5.3.1.4)
@@ -74,6 +75,9 @@ class SMTPServerProtocol(Protocol):
     # -- connection -------------------------------------------------------
 
     def connectionMade(self):
+        t = self.transport
+        self._direct_send = all(hasattr(t, a) for a in
+                                ("socket", "TLS", "dataBuffer", "_tempDataBuffer", "disconnecting"))
         peer = self.transport.getPeer()
         self.session.client_ip = getattr(peer, "host", "")
         self.session.client_port = getattr(peer, "port", 0)
@@ -82,9 +86,9 @@ class SMTPServerProtocol(Protocol):
         self._deadline = self.reactor.callLater(self.factory.config.smtp.session_deadline,
                                                 self._deadline_passed)
         self._busy = True
-        d = self.factory.policy.run("connect", self.session, None)
-        d.addCallback(self._greet)
-        d.addErrback(self._internal_error)
+        r = then(self.factory.policy.run("connect", self.session, None), self._greet)
+        if isinstance(r, defer.Deferred):
+            r.addErrback(self._internal_error)
 
     def _greet(self, verdict):
         if verdict is not None:
@@ -131,16 +135,40 @@ class SMTPServerProtocol(Protocol):
             return
         if enhanced:
             text = f"{enhanced} {text}"
-        self.transport.write(f"{code} {text}\r\n".encode("ascii", "replace"))
+        self._send(f"{code} {text}\r\n".encode("ascii", "replace"))
         if count_error and code >= 400 and code != 421:
             self._errors += 1
             if self._errors >= self.factory.config.smtp.max_errors:
-                self.transport.write(b"421 4.7.0 Error: too many errors\r\n")
+                self._send(b"421 4.7.0 Error: too many errors\r\n")
                 self._close()
 
     def _reply_lines(self, code, lines):
         out = [f"{code}-{l}" for l in lines[:-1]] + [f"{code} {lines[-1]}"]
-        self.transport.write(("\r\n".join(out) + "\r\n").encode("ascii", "replace"))
+        self._send(("\r\n".join(out) + "\r\n").encode("ascii", "replace"))
+
+    def _send(self, data):
+        """Write a reply, straight to the socket when nothing is queued before it.
+
+        A reply is one small write per command; through the transport's
+        buffer each costs two epoll changes and a reactor turn, which showed
+        as a large share of the receiver's time under load. When the
+        transport has nothing pending (and no TLS layer), sending at once
+        keeps the order and skips all that; anything the kernel does not take
+        goes through the transport as usual.
+        """
+        t = self.transport
+        if (self._direct_send and not t.TLS and not t.dataBuffer and not t._tempDataBuffer
+                and not t.disconnecting):
+            try:
+                sent = t.socket.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = 0        # the transport will notice and report the loss
+            if sent == len(data):
+                return
+            data = data[sent:]
+        t.write(data)
 
     def _reply_verdict(self, verdict: Verdict):
         self._reply(verdict.code, verdict.enhanced, verdict.text)
@@ -289,7 +317,7 @@ class SMTPServerProtocol(Protocol):
                 if self._pipelined_input():
                     return self._sync_error()
                 self._reply(250, None, self.factory.hostname)
-        return self.factory.policy.run("helo", self.session, name).addCallback(answered)
+        return then(self.factory.policy.run("helo", self.session, name), answered)
 
     def smtp_HELO(self, arg):
         return self._helo(arg, False)
@@ -370,7 +398,7 @@ class SMTPServerProtocol(Protocol):
             s.recipients = []
             s.body_8bit = body_8bit
             self._reply(250, "2.1.0", "Ok")
-        return self.factory.policy.run("mail", s, path).addCallback(answered)
+        return then(self.factory.policy.run("mail", s, path), answered)
 
     def _mail_params(self, params):
         body_8bit = False
@@ -412,7 +440,7 @@ class SMTPServerProtocol(Protocol):
                 return self._reply_verdict(verdict)
             s.recipients.append(path)
             self._reply(250, "2.1.5", "Ok")
-        return self.factory.policy.run("rcpt", s, path).addCallback(answered)
+        return then(self.factory.policy.run("rcpt", s, path), answered)
 
     def smtp_DATA(self, arg):
         s = self.session
@@ -430,13 +458,9 @@ class SMTPServerProtocol(Protocol):
         def answered(verdict):
             if verdict is not None:
                 return self._reply_verdict(verdict)
-            try:
-                self._start_data()
-            except (OSError, SpoolError) as e:
-                self.log.error("cannot open queue file: {why}", why=str(e))
-                return self._reply(451, "4.3.0", "Error: queue file write error")
+            self._start_data()
             self._reply(354, None, "End data with <CR><LF>.<CR><LF>")
-        return self.factory.policy.run("data", s, None).addCallback(answered)
+        return then(self.factory.policy.run("data", s, None), answered)
 
     # -- message body -------------------------------------------------------
 
@@ -561,8 +585,6 @@ class SMTPServerProtocol(Protocol):
             s.reset_transaction()
             return self._reply(*self._data_error)
         view = MessageView(inc, self._received_count, self._body_size)
-        d = self.factory.policy.run("eod", s, view)
-
         def judged(verdict):
             if verdict is not None:
                 inc.abort()
@@ -571,9 +593,9 @@ class SMTPServerProtocol(Protocol):
             return self.factory.spool.commit(inc).addCallbacks(queued, failed)
 
         def queued(qmsg):
-            self.log.info("{qid}: client=[{ip}], from=<{sender}>, size={size}, nrcpt={n}",
-                          qid=qmsg.qid, ip=s.client_ip, sender=qmsg.envelope.sender,
-                          size=qmsg.size, n=len(qmsg.envelope.recipients))
+            mail_event(self.log, f"{qmsg.qid}: client=[{s.client_ip}], "
+                                 f"from=<{qmsg.envelope.sender}>, size={qmsg.size}, "
+                                 f"nrcpt={len(qmsg.envelope.recipients)}", qid=qmsg.qid)
             self._reply(250, "2.0.0", f"Ok: queued as {qmsg.qid}")
             self.factory.queue.submit(qmsg)
 
@@ -586,7 +608,12 @@ class SMTPServerProtocol(Protocol):
             s.reset_transaction()
             return result
 
-        self._await(d.addCallback(judged).addBoth(finish))
+        result = then(self.factory.policy.run("eod", s, view), judged)
+        if isinstance(result, defer.Deferred):
+            result.addBoth(finish)
+        else:
+            finish(None)
+        self._await(result)
 
     def _abort_incoming(self):
         if self._incoming is not None:
