@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up (virtualenv, and as root the Debian peers swaks/slapd) and run the
+# whole test suite with trial. Extra arguments select tests, e.g.
+#   scripts/test.sh tests.test_smtp_receiver
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --system
+# -j2: the e2e tests pick free ports and temp dirs, so they run side by side.
+exec env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" .venv/bin/python -m twisted.trial \
+  ${TRIAL_ARGS:--j2} "${@:-tests}"
