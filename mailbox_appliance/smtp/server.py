@@ -77,7 +77,8 @@ class SMTPServerProtocol(Protocol):
     def connectionMade(self):
         t = self.transport
         self._direct_send = all(hasattr(t, a) for a in
-                                ("socket", "TLS", "dataBuffer", "_tempDataBuffer", "disconnecting"))
+                                ("socket", "TLS", "dataBuffer", "_tempDataBuffer", "connected",
+                                 "disconnecting"))
         peer = self.transport.getPeer()
         self.session.client_ip = getattr(peer, "host", "")
         self.session.client_port = getattr(peer, "port", 0)
@@ -157,8 +158,8 @@ class SMTPServerProtocol(Protocol):
         goes through the transport as usual.
         """
         t = self.transport
-        if (self._direct_send and not t.TLS and not t.dataBuffer and not t._tempDataBuffer
-                and not t.disconnecting):
+        if (self._direct_send and t.connected and not t.disconnecting and not t.TLS
+                and not t.dataBuffer and not t._tempDataBuffer):
             try:
                 sent = t.socket.send(data)
             except BlockingIOError:
