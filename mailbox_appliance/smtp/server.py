@@ -627,6 +627,7 @@ class SMTPServerFactory(Factory):
 
     protocol = SMTPServerProtocol
     listener = "smtp"
+    noisy = False
 
     def __init__(self, reactor, config, policy, spool, queue, tls_context=None):
         self.reactor = reactor
