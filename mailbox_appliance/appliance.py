@@ -56,7 +56,11 @@ class Appliance(service.MultiService):
         self.local_delivery = MaildirDelivery(reactor, os.path.join(data_dir, "mail"),
                                               config.server.hostname,
                                               worker=self.delivery_worker)
-        self.queue = QueueManager(reactor, config, self.spool, self.router, self.local_delivery)
+        # Few deliveries at a time (Postfix's local(8) default is 2): local
+        # deliveries share one disk thread anyway, and receiving mail keeps
+        # the reactor's attention under load; the backlog drains right after.
+        self.queue = QueueManager(reactor, config, self.spool, self.router, self.local_delivery,
+                                  concurrency=4)
         self.queue.setServiceParent(self)
 
         self.policy = PolicyChain([
