@@ -22,6 +22,11 @@ from twisted.internet import endpoints
 class ConfigError(Exception):
     """A configuration problem, phrased for the administrator in one line."""
 
+    def __str__(self):
+        # Messages quote values and library errors that may hold line breaks;
+        # the contract is one line, so they are folded here once for everyone.
+        return " ".join(super().__str__().splitlines())
+
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -176,6 +181,9 @@ def load(path: str) -> Config:
         raise ConfigError(f"{path}: cannot read configuration file: {e.strerror}")
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: TOML syntax error: {e}")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: expected a UTF-8 TOML file, found byte "
+                          f"0x{e.object[e.start]:02x} at offset {e.start}")
     return from_dict(raw, path)
 
 
@@ -189,7 +197,7 @@ def from_dict(raw: dict, path: str) -> Config:
             raise ConfigError(f"{path}: unknown section [{name}]; expected one of "
                               + ", ".join(f"[{s}]" for s in _SECTIONS))
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: {name} must be a [{name}] table")
+            raise ConfigError(f"{path}: [{name}]: expected a table, got {value!r}")
         hints = typing.get_type_hints(cls)
         kwargs = {}
         for key, v in value.items():
@@ -231,6 +239,10 @@ def _validate(cfg: Config) -> None:
         except ValueError:
             raise ConfigError(f"{p}: [server] relay_networks: expected CIDR networks "
                               f"like \"192.0.2.0/24\", got {n!r}")
+    if not s.data_dir:
+        raise ConfigError(f"{p}: [server] data_dir: expected a folder, got ''")
+    if not s.domains:
+        raise ConfigError(f"{p}: [server] domains: expected at least one domain name")
     if s.max_message_size <= 0:
         raise ConfigError(f"{p}: [server] max_message_size: expected a positive number of bytes")
     from twisted.internet import reactor
@@ -238,7 +250,10 @@ def _validate(cfg: Config) -> None:
         desc = getattr(cfg.listen, f.name)
         if desc:
             try:
-                endpoints.serverFromString(reactor, desc)
+                ep = endpoints.serverFromString(reactor, desc)
+                port = getattr(ep, "_port", None)
+                if isinstance(port, int) and not 0 <= port <= 65535:
+                    raise ValueError(f"port {port} is not in 0-65535")
             except Exception as e:
                 raise ConfigError(f"{p}: [listen] {f.name}: expected a Twisted endpoint string "
                                   f"like \"tcp:25:interface=0.0.0.0\", got {desc!r} ({e})")
@@ -249,6 +264,7 @@ def _validate(cfg: Config) -> None:
         from mailbox_appliance import tls
         try:
             tls.load_pair(t.certificate, t.key)
+            tls.load_chain(t.certificate)
         except Exception as e:
             raise ConfigError(f"{p}: [tls] certificate/key: expected a matching PEM pair, "
                               f"could not load {t.certificate} / {t.key}: {e}")
@@ -264,12 +280,24 @@ def _validate(cfg: Config) -> None:
                 f.read(1)
         except OSError as e:
             raise ConfigError(f"{p}: [directory] ldif: cannot read {d.ldif}: {e.strerror}")
+        problem = _ldif_problem(d.ldif)
+        if problem:
+            raise ConfigError(f"{p}: [directory] ldif: expected an LDIF file with one tree, "
+                              f"{d.ldif} does not load: {problem}")
     if d.cache_ttl < 0:
         raise ConfigError(f"{p}: [directory] cache_ttl: expected seconds >= 0")
     for server in cfg.dns.servers:
         if not re.match(r"^[\w.:\[\]-]+$", server):
             raise ConfigError(f"{p}: [dns] servers: expected \"host:port\" entries, got {server!r}")
     dl = cfg.delivery
+    if not 0 < dl.smtp_port <= 65535:
+        raise ConfigError(f"{p}: [delivery] smtp_port: expected a port in 1-65535, "
+                          f"got {dl.smtp_port}")
+    if dl.smarthost:
+        m = _SMARTHOST.match(dl.smarthost)
+        if not m or not 0 < int(m.group(2)) <= 65535:
+            raise ConfigError(f"{p}: [delivery] smarthost: expected \"host:port\", "
+                              f"got {dl.smarthost!r}")
     for key in ("warn_after", "max_age"):
         try:
             parse_duration(getattr(dl, key))
@@ -285,3 +313,20 @@ def _validate(cfg: Config) -> None:
                               f"got {item!r}")
     if cfg.smtp.max_recipients < 100:
         raise ConfigError(f"{p}: [smtp] max_recipients: expected at least 100 (RFC 5321 4.5.3.1.8)")
+    for f in dataclasses.fields(SMTPConfig):
+        if getattr(cfg.smtp, f.name) <= 0:
+            raise ConfigError(f"{p}: [smtp] {f.name}: expected a positive number, "
+                              f"got {getattr(cfg.smtp, f.name)}")
+
+
+_SMARTHOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+def _ldif_problem(path):
+    """Why the embedded server could not load ``path``, or None if it can."""
+    from mailbox_appliance.directory.embedded import load_ldif
+    outcome = []
+    load_ldif(path).addBoth(outcome.append)
+    if outcome and hasattr(outcome[0], "getErrorMessage"):
+        return outcome[0].getErrorMessage()
+    return None
