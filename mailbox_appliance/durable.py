@@ -85,7 +85,11 @@ class BatchWorker:
                     return
                 batch = self._jobs[:self.max_batch]
                 del self._jobs[:self.max_batch]
-            results = self._run_batch(batch)
+            try:
+                results = self._run_batch(batch)
+            except BaseException:
+                # Never leave a caller waiting: a batch that broke fails whole.
+                results = [Failure()] * len(batch)
             self.reactor.callFromThread(self._answer, batch, results)
 
     @staticmethod
@@ -103,7 +107,7 @@ class BatchWorker:
         for directory, members in dirs.items():
             try:
                 fsync_dir(directory)
-            except OSError:
+            except BaseException:
                 f = Failure()
                 for i in members:
                     results[i] = f
