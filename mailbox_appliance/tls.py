@@ -32,6 +32,40 @@ def load_pair(cert_path: str, key_path: str):
     return cert, key
 
 
+def load_chain(cert_path: str) -> list:
+    """The certificates after the first in ``cert_path`` (a fullchain.pem).
+
+    Clients only trust the server certificate if the intermediates are sent
+    along with it, so they go into the context's extra chain.
+    """
+    with open(cert_path, "rb") as f:
+        certs = x509.load_pem_x509_certificates(f.read())
+    return [crypto.X509.from_cryptography(c) for c in certs[1:]]
+
+
+def names_host(cert, hostname: str) -> bool:
+    """True if ``cert`` (pyOpenSSL X509) names ``hostname`` in its CN or SAN."""
+    c = cert.to_cryptography()
+    hostname = hostname.lower()
+    cns = [a.value.lower() for a in c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    try:
+        sans = [n.lower() for n in c.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        sans = []
+    return hostname in cns and hostname in sans
+
+
+def _write_atomically(path: str, data: bytes, mode: int) -> None:
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def generate_self_signed(hostname: str, cert_path: str, key_path: str) -> None:
     """Write a self-signed certificate for ``hostname`` (key file mode 0600)."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -49,31 +83,55 @@ def generate_self_signed(hostname: str, cert_path: str, key_path: str) -> None:
         .sign(key, hashes.SHA256())
     )
     os.makedirs(os.path.dirname(cert_path), mode=0o700, exist_ok=True)
-    tmp = key_path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM,
-                                  serialization.PrivateFormat.TraditionalOpenSSL,
-                                  serialization.NoEncryption()))
-    os.rename(tmp, key_path)
-    with open(cert_path + ".tmp", "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    os.rename(cert_path + ".tmp", cert_path)
+    # Written and synced before being renamed into place, so a crash leaves
+    # the old pair or the new one, never an empty file.
+    _write_atomically(key_path, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption()), 0o600)
+    _write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    dir_fd = os.open(os.path.dirname(cert_path), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _self_signed_pair(config):
+    """Load data_dir/tls/{cert,key}.pem, making them first if needed.
+
+    The pair is kept across restarts. It is only made again when it is missing,
+    does not load (it is the appliance's own, so a broken one is useless), or
+    no longer names ``server.hostname``.
+    """
+    tls_dir = os.path.join(config.server.data_dir, "tls")
+    cert_path = os.path.join(tls_dir, "cert.pem")
+    key_path = os.path.join(tls_dir, "key.pem")
+    hostname = config.server.hostname
+    if os.path.exists(cert_path) and os.path.exists(key_path):
+        try:
+            cert, key = load_pair(cert_path, key_path)
+        except (ValueError, crypto.Error, SSL.Error):
+            pass
+        else:
+            if names_host(cert, hostname):
+                return cert, key, cert_path
+    generate_self_signed(hostname, cert_path, key_path)
+    cert, key = load_pair(cert_path, key_path)
+    return cert, key, cert_path
 
 
 def server_context_factory(config):
     """The server TLS context for ``config``: configured pair or self-signed one."""
     cert_path, key_path = config.tls.certificate, config.tls.key
-    if not cert_path:
-        tls_dir = os.path.join(config.server.data_dir, "tls")
-        cert_path = os.path.join(tls_dir, "cert.pem")
-        key_path = os.path.join(tls_dir, "key.pem")
-        if not (os.path.exists(cert_path) and os.path.exists(key_path)):
-            generate_self_signed(config.server.hostname, cert_path, key_path)
-    cert, key = load_pair(cert_path, key_path)
+    chain = []
+    if cert_path:
+        cert, key = load_pair(cert_path, key_path)
+        chain = load_chain(cert_path)
+    else:
+        cert, key, cert_path = _self_signed_pair(config)
     return ssl.CertificateOptions(
-        privateKey=key, certificate=cert,
+        privateKey=key, certificate=cert, extraCertChain=chain,
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-        # Renegotiation by the client is a DoS lever and useless for mail.
+        # No session cache: one less piece of state shared between clients.
         enableSessions=False,
     ), cert_path
