@@ -8,6 +8,7 @@ anything; here every path is parsed by hand, lengths are bounded (RFC 5321
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -21,7 +22,8 @@ _DOT_STRING = re.compile(rf"^{_ATEXT}+(\.{_ATEXT}+)*$")
 _QUOTED = re.compile(r'^"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*)"$')
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
-_ADDR_LITERAL = re.compile(r"^\[(IPv6:[0-9A-Fa-f:.]+|\d{1,3}(\.\d{1,3}){3})\]$")
+_IPV4_LITERAL = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
+_IPV6_TAG = "ipv6:"
 _ROUTE = re.compile(rf"^@[^,:]+(,@[^,:]+)*:")
 _ESMTP_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 _ESMTP_VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e]+$")
@@ -106,7 +108,10 @@ def parse_path(text: str, sender: bool, smtputf8: bool = False) -> Path:
         raise AddressError(501, "5.5.2", "Control characters are not allowed in addresses")
     if not smtputf8 and any(ord(c) > 0x7e for c in text):
         raise AddressError(553, "5.6.7", "Non-ASCII address needs SMTPUTF8")
-    if len(text) > MAX_PATH + 2:
+    if len(text) < 2 or text[0] != "<" or text[-1] != ">":
+        raise AddressError(501, enh, "Address must be enclosed in <>")
+    # RFC 5321 4.5.3.1.3: 256 octets, punctuation (the angle brackets) included.
+    if len(text.encode()) > MAX_PATH:
         raise AddressError(501, enh, "Path too long")
     inner = text[1:-1]
     if inner == "":
@@ -117,6 +122,8 @@ def parse_path(text: str, sender: bool, smtputf8: bool = False) -> Path:
     # so every decision below is made on the final address.
     m = _ROUTE.match(inner)
     if m:
+        for hop in inner[:m.end() - 1].split(","):
+            _check_domain(hop[1:], enh)
         inner = inner[m.end():]
     local, domain, quoted = _split_mailbox(inner, enh)
     return Path(local=local, domain=domain, quoted=quoted)
@@ -138,6 +145,8 @@ def _split_mailbox(inner: str, enh: str):
         if not rest.startswith("@"):
             raise AddressError(501, enh, "Bad address syntax")
         domain = rest[1:]
+        if not domain:
+            raise AddressError(501, enh, "Bad domain")
     else:
         local, at, domain = inner.rpartition("@")
         if not at:
@@ -150,6 +159,8 @@ def _split_mailbox(inner: str, enh: str):
                 raise AddressError(501, enh, "Bad address syntax")
         if local == "" and domain:
             raise AddressError(501, enh, "Empty local part")
+        if at and not domain:
+            raise AddressError(501, enh, "Bad domain")
     return _check_local(local, _check_domain(domain, enh) if domain else "", enh, quoted)
 
 
@@ -166,7 +177,9 @@ def _find_quote_end(text: str) -> int:
 
 
 def _check_local(local: str, domain: str, enh: str, quoted: bool):
-    if len(local.encode()) > MAX_LOCAL:
+    # The limit is on the local part as sent, quotes and backslashes included.
+    wire = Path(local=local, quoted=quoted).address if quoted else local
+    if len(wire.encode()) > MAX_LOCAL:
         raise AddressError(501, enh, "Local part too long")
     if not local:
         raise AddressError(501, enh, "Empty local part")
@@ -179,12 +192,38 @@ def _check_domain(domain: str, enh: str) -> str:
     if len(domain) > MAX_DOMAIN or not domain:
         raise AddressError(501, enh, "Bad domain")
     if domain.startswith("["):
-        if not _ADDR_LITERAL.match(domain):
+        literal = _address_literal(domain)
+        if literal is None:
             raise AddressError(501, enh, "Bad address literal")
-        return domain
+        return literal
     if not _DOMAIN.match(domain):
         raise AddressError(501, enh, "Bad domain")
     return domain.lower()
+
+
+def _address_literal(domain: str):
+    """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` in canonical form, else None.
+
+    RFC 5321 4.1.3: IPv4 octets are 0-255, an IPv6 literal is tagged ``IPv6:``
+    (case-insensitive, like every ABNF string). General literals are refused.
+    """
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    body = domain[1:-1]
+    if _IPV4_LITERAL.match(body):
+        if any(int(octet) > 255 for octet in body.split(".")):
+            return None
+        return domain
+    if body[:len(_IPV6_TAG)].lower() == _IPV6_TAG:
+        text = body[len(_IPV6_TAG):]
+        if not re.match(r"^[0-9A-Fa-f:.]+$", text):
+            return None
+        try:
+            ipaddress.IPv6Address(text)
+        except ValueError:
+            return None
+        return f"[IPv6:{text.lower()}]"
+    return None
 
 
 def parse_params(params: list) -> dict:
