@@ -2,7 +2,8 @@
 
 Layout (plain files a person can inspect, as in Postfix):
 
-* ``tmp/``     bodies being received; removed at start-up (never acknowledged)
+* ``tmp/``     bodies being received; emptied when a Spool is created (never
+                acknowledged)
 * ``active/``  committed messages; a file is here only after its data was fsync'ed
 * ``active/<qid>.done``  targets already delivered, one per line, fsync'ed
 * ``corrupt/`` files that could not be parsed, kept for the administrator
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailbox_appliance.durable import BatchWorker
 
@@ -57,7 +59,12 @@ class Envelope:
         if not isinstance(raw, dict) or not isinstance(raw.get("recipients"), list):
             raise ValueError("envelope is not an object with recipients")
         env = cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
-        if not isinstance(env.sender, str) or not all(isinstance(r, str) for r in env.recipients):
+        # Every field is used later (log lines, Maildir names, headers): a
+        # wrong type must make the file corrupt now, not crash each attempt.
+        texts = (env.sender, env.client_ip, env.helo, env.protocol, env.auth)
+        if not all(isinstance(t, str) for t in texts) or \
+                not all(isinstance(r, str) for r in env.recipients) or \
+                isinstance(env.arrival, bool) or not isinstance(env.arrival, (int, float)):
             raise ValueError("bad envelope types")
         return env
 
@@ -155,6 +162,7 @@ class IncomingMessage:
         creating a new one (see Spool.remove).
         """
         if self.error is not None:
+            self._close()
             raise self.error
         chunks, self._chunks = self._chunks, []
         source = self.tmp_path
@@ -168,10 +176,16 @@ class IncomingMessage:
             self._write_all(chunks)
             os.fsync(self.fd)
         finally:
-            if self.fd is not None:
-                os.close(self.fd)
-                self.fd = None
+            self._close()
         os.rename(source, final_path)
+
+    def _close(self):
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def abort(self):
         """Forget the message: close and remove the tmp file, if any."""
@@ -214,6 +228,22 @@ class Spool:
         self._free = []             # spare files in free/, to be overwritten
         self._freeing = 0
         self._free_names = itertools.count(int(time.time() * 1000))
+        self._startup_cleanup()
+
+    def _startup_cleanup(self):
+        """Drop the bodies a previous run never acknowledged; list the spares.
+
+        Done here, before this spool takes any message, and not in
+        ``recover()``: recovery runs in a thread while the listeners may
+        already receive, and must neither unlink the tmp file of a message
+        being received nor race the reactor thread over the list of spares.
+        """
+        for name in os.listdir(self.tmp_dir):
+            _unlink_quietly(os.path.join(self.tmp_dir, name))
+        spares = sorted(os.path.join(self.free_dir, n) for n in os.listdir(self.free_dir))
+        for extra in spares[self.MAX_FREE:]:
+            _unlink_quietly(extra)
+        self._free = spares[:self.MAX_FREE]
 
     def _thread(self, f, *a):
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *a)
@@ -242,6 +272,10 @@ class Spool:
             _unlink_quietly(msg.tmp_path)
             if recycled:
                 _unlink_quietly(recycled)
+            # When only the fsync of active/ failed, the file is already
+            # there: the client hears 4xx and sends again, so this copy must
+            # not be found and delivered by a later restart as well.
+            _unlink_quietly(final)
             raise SpoolError(f"commit failed: {f.getErrorMessage()}")
 
         def job():
@@ -283,48 +317,72 @@ class Spool:
             self._freeing += 1
 
         def work():
+            # The message first, its done-record after: a crash in between
+            # leaves an orphan record (dropped by recover), never a message
+            # without the record of what was already delivered.
+            moved = None
+            if spare is not None:
+                try:
+                    os.rename(qmsg.path, spare)
+                    moved = spare
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    # free/ cannot take it (full directory, ...): just drop it.
+                    _remove_file(qmsg.path)
+            else:
+                _remove_file(qmsg.path)
             _unlink_quietly(qmsg.path + ".done")
-            if spare is None:
-                _unlink_quietly(qmsg.path)
-                return None, None
-            try:
-                os.rename(qmsg.path, spare)
-            except FileNotFoundError:
-                return None, None
-            return spare, None
+            return moved, None
 
-        def moved(path):
+        def moved(result):
             if spare is not None:
                 self._freeing -= 1
-                if path:
-                    self._free.append(path)
-        return self.worker.submit(work).addCallback(moved)
+            if isinstance(result, Failure):
+                return result
+            if result:
+                self._free.append(result)
+        return self.worker.submit(work).addBoth(moved)
 
     def recover(self):
-        """Read every committed message left on disk (blocking; for start-up)."""
-        for name in os.listdir(self.tmp_dir):
-            try:
-                os.unlink(os.path.join(self.tmp_dir, name))
-            except OSError:
-                pass
-        self._free = [os.path.join(self.free_dir, n) for n in os.listdir(self.free_dir)]
-        for extra in self._free[self.MAX_FREE:]:
-            _unlink_quietly(extra)
-        del self._free[self.MAX_FREE:]
+        """Read every committed message left on disk (blocking; for start-up).
+
+        Uncommitted bodies in tmp/ were already dropped when the spool was
+        created. A file that cannot be parsed is moved to corrupt/ with a log
+        line, and recovery goes on with the others.
+        """
         found = []
         for name in sorted(os.listdir(self.active_dir)):
-            if name.endswith(".done"):
-                if not os.path.exists(os.path.join(self.active_dir, name[:-5])):
-                    os.unlink(os.path.join(self.active_dir, name))
-                continue
             path = os.path.join(self.active_dir, name)
+            if name.endswith(".done"):
+                if not os.path.exists(path[:-5]):
+                    _unlink_quietly(path)
+                continue
             try:
                 found.append(self.read(name, path))
+            except FileNotFoundError:
+                continue            # delivered and removed while we listed
             except Exception as e:
-                self.log.error("{qid}: corrupt queue file moved to corrupt/: {why}",
-                               qid=name, why=str(e))
-                os.rename(path, os.path.join(self.corrupt_dir, name))
+                self._quarantine(name, path, e)
         return found
+
+    def _quarantine(self, name, path, why):
+        try:
+            os.rename(path, os.path.join(self.corrupt_dir, name))
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            self.log.error("{qid}: corrupt queue file ({why}) could not be moved to "
+                           "corrupt/: {error}; left in place", qid=name, why=str(why),
+                           error=str(e))
+            return
+        try:
+            # Its done-record goes along, for the administrator.
+            os.rename(path + ".done", os.path.join(self.corrupt_dir, name + ".done"))
+        except OSError:
+            pass
+        self.log.error("{qid}: corrupt queue file moved to corrupt/: {why}",
+                       qid=name, why=str(why))
 
     def read(self, qid, path) -> QueuedMessage:
         with open(path, "rb") as f:
@@ -346,6 +404,14 @@ class Spool:
                              size=size, done=done, recovered=True)
 
 
+
+
+def _remove_file(path):
+    """Unlink ``path``; a file that is already gone is fine, other errors are not."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _unlink_quietly(path):
