@@ -241,6 +241,10 @@ def _validate(cfg: Config) -> None:
                               f"like \"192.0.2.0/24\", got {n!r}")
     if not s.data_dir:
         raise ConfigError(f"{p}: [server] data_dir: expected a folder, got ''")
+    blocker = _not_a_folder(s.data_dir)
+    if blocker:
+        raise ConfigError(f"{p}: [server] data_dir: expected a folder (or a place to "
+                          f"make one) at {s.data_dir}, but {blocker} is not a folder")
     if not s.domains:
         raise ConfigError(f"{p}: [server] domains: expected at least one domain name")
     if s.max_message_size <= 0:
@@ -317,6 +321,22 @@ def _validate(cfg: Config) -> None:
         if getattr(cfg.smtp, f.name) <= 0:
             raise ConfigError(f"{p}: [smtp] {f.name}: expected a positive number, "
                               f"got {getattr(cfg.smtp, f.name)}")
+
+
+def _not_a_folder(path):
+    """The first existing part of ``path`` that is not a folder, or None.
+
+    Only what can be told without creating anything: permissions are left to
+    start-up, since check-config may run as another user than the appliance.
+    """
+    probe = path
+    while True:
+        if os.path.exists(probe):
+            return None if os.path.isdir(probe) else probe
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return None
+        probe = parent
 
 
 _SMARTHOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")

@@ -282,6 +282,15 @@ class ErrorTests(_ConfigDir, unittest.TestCase):
         self.assertBad(LDIF + '[server]\ndata_dir = ""\n', "[server] data_dir",
                        "expected a folder")
 
+    def test_data_dir_below_a_file(self):
+        self.assertBad(LDIF + '[server]\ndata_dir = "directory.ldif/var"\n',
+                       "[server] data_dir", "expected a folder",
+                       os.path.join(self.dir, "directory.ldif") + " is not a folder")
+        # A folder that does not exist yet is made at start-up: fine here.
+        self.assertEqual(self.load(LDIF + '[server]\ndata_dir = "a/b/c"\n').server.data_dir,
+                         os.path.join(self.dir, "a", "b", "c"))
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "a")))
+
     def test_bad_relay_networks(self):
         self.assertBad(LDIF + '[server]\nrelay_networks = ["192.0.2.0/33"]\n',
                        "[server] relay_networks", "expected CIDR networks", "192.0.2.0/33")
