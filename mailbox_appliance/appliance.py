@@ -23,6 +23,33 @@ from mailbox_appliance.smtp.policy import HopCount, PolicyChain, RecipientExists
 from mailbox_appliance.smtp.server import SMTPServerFactory
 
 
+class ListenerError(Exception):
+    """A listener could not be bound; names it for a one-line start-up error."""
+
+    def __init__(self, name, description, reason):
+        super().__init__(f"[listen] {name}: cannot listen on {description!r}: {reason}")
+        self.name, self.description, self.reason = name, description, reason
+
+
+class _Listener(internet.StreamServerEndpointService):
+    """An endpoint service whose bind failure says which listener it was."""
+
+    def __init__(self, name, description, endpoint, factory):
+        super().__init__(endpoint, factory)
+        self.listener_name = name
+        self.description = description
+        # A port that cannot be bound must stop start-up, not be logged and ignored.
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self):
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            reason = getattr(e, "socketError", None) or e
+            reason = getattr(reason, "strerror", None) or str(reason)
+            raise ListenerError(self.listener_name, self.description, reason) from e
+
+
 class Appliance(service.MultiService):
     """Every service of one mail appliance, built from one Config."""
 
@@ -88,9 +115,7 @@ class Appliance(service.MultiService):
 
     def _listen(self, name, description, factory):
         endpoint = endpoints.serverFromString(self.reactor, description)
-        svc = internet.StreamServerEndpointService(endpoint, factory)
-        # A port that cannot be bound must stop start-up, not be logged and ignored.
-        svc._raiseSynchronously = True
+        svc = _Listener(name, description, endpoint, factory)
         svc.setName(f"listen-{name}")
         svc.setServiceParent(self)
         self.listeners[name] = svc

@@ -6,11 +6,10 @@ import os
 import sys
 
 from twisted.application import service
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
 from twisted.python import usage
 
 from mailbox_appliance import config as config_module
+from mailbox_appliance.appliance import ListenerError
 
 
 class Options(usage.Options):
@@ -63,34 +62,9 @@ class _StartupGuard(service.MultiService):
     def privilegedStartService(self):
         try:
             super().privilegedStartService()
-        except (CannotListenError, OSError) as e:
-            self._cannot_listen(e)
-
-    def startService(self):
-        try:
-            super().startService()
-        except (CannotListenError, OSError) as e:
-            self._cannot_listen(e)
-
-    def _cannot_listen(self, error):
-        name = self._failed_listener()
-        where = f"[listen] {name}" if name else "[listen]"
-        desc = getattr(self.config.listen, name, "") if name else ""
-        shown = f" {desc!r}" if desc else ""
-        reason = getattr(error, "socketError", error)
-        if isinstance(reason, OSError) and reason.strerror:
-            reason = reason.strerror
-        _fail(f"cannot start: {self.config.path}: {where}: cannot listen on{shown}: "
-              f"{reason}; expected a free address this user may bind")
-
-    def _failed_listener(self):
-        """Name of the listener whose port failed: bound ones hold their port."""
-        for name, svc in getattr(self.appliance, "listeners", {}).items():
-            waiting = getattr(svc, "_waitingForPort", None)
-            if waiting is not None and not IListeningPort.providedBy(
-                    getattr(waiting, "result", None)):
-                return name
-        return None
+        except ListenerError as e:
+            _fail(f"cannot start: {self.config.path}: {e}; "
+                  "expected a free address this user may bind")
 
 
 def makeService(options):
