@@ -528,3 +528,49 @@ class TrustedNetworkTests(ApplianceMixin, unittest.TestCase):
         msgs = self.delivered("alice")
         self.assertEqual(len(msgs), 1)
         self.assertIn(b"smuggled", msgs[0])
+
+
+class InjectionTests(ApplianceMixin, unittest.TestCase):
+    """Shell, template and filter metacharacters are only ever data (C4, C5)."""
+
+    def setUp(self):
+        return self.start_appliance()
+
+    @defer.inlineCallbacks
+    def test_metacharacters_in_paths(self):
+        cases = {
+            '"|/bin/sh -c id"@example.test': 550,
+            "|id@example.test": 550,
+            "u$(id)@example.test": 501,
+            "${run{/bin/sh\t-c\tid}}@example.test": 501,
+            "{0.__class__.__mro__}@example.test": 550,
+            "%(password)s@example.test": 501,
+            "%s%n@example.test": 554,
+            "*@example.test": 550,
+            "*)(uid=*@example.test": 501,
+            "alice*@example.test": 550,
+        }
+
+        def talk():
+            c = RawClient(self.port)
+            c.code()
+            c.cmd("EHLO client.ext.test")
+            out = {"<;sleep 66;>": c.cmd("MAIL FROM:<;sleep 66;>")[0]}
+            c.cmd("MAIL FROM:<`id`@ext.test>")
+            for rcpt in cases:
+                out[rcpt] = c.cmd(f"RCPT TO:<{rcpt}>")[0]
+            return out
+        self._raise_error_limit()
+        got = yield self.in_thread(talk)
+        self.assertEqual(got.pop("<;sleep 66;>"), 501)
+        self.assertEqual(got, cases)
+        # Lookups saw the strings verbatim; nothing was expanded or formatted.
+        self.assertIn("{0.__class__.__mro__}@example.test", self.directory.queries)
+        yield self.settle()
+        self.assertEqual(self.queue_files(), [])
+
+    def _raise_error_limit(self):
+        import dataclasses
+        factory = self.app.listeners["smtp"].factory
+        factory.config = dataclasses.replace(
+            factory.config, smtp=dataclasses.replace(factory.config.smtp, max_errors=1000))
