@@ -17,9 +17,11 @@ import hashlib
 import os
 import re
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailbox_appliance import durable
 from mailbox_appliance.durable import BatchWorker
 from mailbox_appliance.interfaces import IDeliveryAgent
 
@@ -45,8 +47,23 @@ def maildir_path(mail_root: str, domain: str, local: str) -> str:
 
 
 def ensure_maildir(path: str) -> None:
+    """Create the Maildir's folders, durably: a new mailbox's directory entries
+    are fsync'ed too, or a crash could take the first message with them."""
+    created = []
+    top = path
+    while not os.path.isdir(top):
+        created.append(top)
+        parent = os.path.dirname(top) or "."
+        if parent == top:
+            break
+        top = parent
     for sub in ("tmp", "new", "cur"):
-        os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+        p = os.path.join(path, sub)
+        if not os.path.isdir(p):
+            os.makedirs(p, mode=0o700, exist_ok=True)
+            created.append(p)
+    for parent in sorted({os.path.dirname(p) or "." for p in created}, key=len, reverse=True):
+        durable.fsync_dir(parent)
 
 
 @implementer(IDeliveryAgent)
@@ -68,7 +85,10 @@ class MaildirDelivery:
     def deliver(self, qmsg, user, delivered_to, index, target_key):
         """Deliver ``qmsg`` to ``user``; fires with True (written) or False (already there)."""
         domain, local = user.mailbox_parts
-        path = maildir_path(self.mail_root, domain, local)
+        try:
+            path = maildir_path(self.mail_root, domain, local)
+        except DeliveryError as e:
+            return defer.fail(e)
         base = self.unique_name(qmsg, index, target_key)
         d = self.worker.submit(self._write, qmsg, path, base, delivered_to, qmsg.recovered)
 
@@ -84,8 +104,8 @@ class MaildirDelivery:
                 ensure_maildir(path)
                 if _already_delivered(path, base):
                     return False, None
-            head = (f"Return-Path: <{qmsg.envelope.sender}>\n"
-                    f"Delivered-To: {delivered_to}\n").encode("utf-8", "replace")
+            head = (f"Return-Path: <{_one_line(qmsg.envelope.sender)}>\n"
+                    f"Delivered-To: {_one_line(delivered_to)}\n").encode("utf-8", "replace")
             tmp = os.path.join(path, "tmp", base)
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
             try:
@@ -102,7 +122,11 @@ class MaildirDelivery:
                 raise
             os.close(fd)
             final = os.path.join(path, "new", f"{base},S={size},W={crlf_size}")
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                _unlink(tmp)
+                raise
             # The rename is durable once new/ is fsync'ed; the worker does that
             # once for all deliveries of a batch into this Maildir.
             return True, os.path.join(path, "new")
@@ -147,6 +171,11 @@ def _copy_lf(qmsg, fd, head):
     return size, crlf_size
 
 
+def _one_line(text):
+    """A header value that cannot start another header."""
+    return text.replace("\r", "").replace("\n", "")
+
+
 def _write_all(fd, data):
     view = memoryview(data)
     while view:
@@ -154,9 +183,17 @@ def _write_all(fd, data):
 
 
 def _already_delivered(path, base):
-    if any(n.startswith(base) for n in os.listdir(os.path.join(path, "new"))):
-        return True
-    return any(n.startswith(base) for n in os.listdir(os.path.join(path, "cur")))
+    """Whether ``base`` is in new/ or cur/, with any size and flag suffixes.
+
+    ``base`` itself must end there: ``...mx.example.test`` is not
+    ``...mx.example.test2,S=...`` (another host's copy).
+    """
+    def ours(n):
+        return n == base or (n.startswith(base) and n[len(base)] in ",:")
+    for sub in ("new", "cur"):
+        if any(ours(n) for n in os.listdir(os.path.join(path, sub))):
+            return True
+    return False
 
 
 def _unlink(p):
