@@ -1,5 +1,6 @@
 """End-to-end: the real twistd process on the embedded directory, driven by real clients."""
 
+import os
 import re
 import shutil
 import smtplib
@@ -81,8 +82,43 @@ class MXTests(unittest.TestCase):
         self.assertEqual(self.app.queue_ids(), ids)
 
 
+    def test_ldap_filter_injection_through_the_embedded_directory(self):
+        strings = ["*", "*)(uid=*", "alice*", "admin)(|(objectClass=*", "a\\5c2a", "*)(mail=*"]
+        with smtplib.SMTP("127.0.0.1", self.app.smtp_port) as s:
+            s.ehlo("client.ext.test")
+            s.mail("x@ext.test")
+            for local in strings:
+                # docmd: smtplib's own quoting would parse "(...)" as comments.
+                code, text = s.docmd(f"RCPT TO:<{local}@example.test>")
+                self.assertIn(code, (501, 550), local)
+                if code == 550:
+                    self.assertTrue(text.startswith(b"5.1.1"), (local, text))
+            self.assertEqual(s.rcpt("alice@example.test")[0], 250)
+        self.assertNotIn("Traceback", self.app.log())
+
+
 class CrashTests(unittest.TestCase):
     """SIGKILL mid-load: every message that got a 250 is delivered exactly once."""
+
+    def test_kill_mid_data_keeps_nothing(self):
+        app = ApplianceProcess(self.mktemp()).start()
+        self.addCleanup(app.stop)
+        s = smtplib.SMTP("127.0.0.1", app.smtp_port)
+        s.ehlo("client.ext.test")
+        s.mail("x@ext.test")
+        s.rcpt("alice@example.test")
+        s.putcmd("DATA")
+        self.assertEqual(s.getreply()[0], 354)
+        # Over the in-memory limit, so part of it is already in queue/tmp.
+        s.send(b"Subject: half\r\n\r\n" + (b"y" * 998 + b"\r\n") * 400)
+        time.sleep(0.5)
+        app.kill()
+        s.close()
+        app.start()
+        time.sleep(0.5)
+        self.assertEqual(app.messages("alice"), [])
+        self.assertEqual(app.queue_ids(), [])
+        self.assertEqual(os.listdir(os.path.join(app.data_dir, "queue", "tmp")), [])
 
     def test_kill_during_load(self):
         app = ApplianceProcess(self.mktemp()).start()
