@@ -38,6 +38,8 @@ from ldaptor import inmemory, interfaces as ldaptor_interfaces
 from ldaptor.protocols import pureldap
 from ldaptor.protocols.ldap import distinguishedname, ldaperrors, ldapserver
 
+from mailbox_appliance.outcome import Outcome
+
 log = Logger()
 
 #: Entries a single search may return when the client asks for no limit.
@@ -379,8 +381,7 @@ class EmbeddedLDAPServer(service.Service):
         self.port = None
         self.root = None
         self._factory = None
-        self._waiting = []
-        self._outcome = None  # None while starting; else (ok, value)
+        self._ready_outcome = Outcome()
         self._starting = None
 
     def whenReady(self):
@@ -389,12 +390,7 @@ class EmbeddedLDAPServer(service.Service):
         May be called before or after startService; every call gets its own
         Deferred.
         """
-        if self._outcome is not None:
-            ok, value = self._outcome
-            return defer.succeed(value) if ok else defer.fail(value)
-        d = defer.Deferred(lambda d: self._waiting.remove(d) if d in self._waiting else None)
-        self._waiting.append(d)
-        return d
+        return self._ready_outcome.wait()
 
     def startService(self):
         """Load the LDIF and listen.
@@ -404,7 +400,7 @@ class EmbeddedLDAPServer(service.Service):
         service may drop it.
         """
         service.Service.startService(self)
-        self._outcome = None
+        self._ready_outcome.reset()
         self._starting = d = load_ldif(self.ldif_path)
         d.addCallback(self._listen)
         d.addCallbacks(self._ready, self._failed)
@@ -423,22 +419,13 @@ class EmbeddedLDAPServer(service.Service):
         self.url = f"ldap://{host.host}:{host.port}"
         log.info("embedded LDAP directory from {path} listening on {url}",
                  path=self.ldif_path, url=self.url)
-        self._settle(True, self.url)
+        self._ready_outcome.settle(True, self.url)
 
     def _failed(self, failure):
         self._starting = None
         log.failure("embedded LDAP directory could not start from {path}",
                     failure, path=self.ldif_path)
-        self._settle(False, failure)
-
-    def _settle(self, ok, value):
-        self._outcome = (ok, value)
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            if ok:
-                d.callback(value)
-            else:
-                d.errback(value)
+        self._ready_outcome.settle(False, failure)
 
     def stopService(self):
         """Stop listening and close the connections of our clients."""
@@ -447,7 +434,7 @@ class EmbeddedLDAPServer(service.Service):
             self._starting.cancel()
         port, self.port = self.port, None
         self.url = None
-        self._outcome = None
+        self._ready_outcome.reset()
         results = []
         if port is not None:
             results.append(defer.maybeDeferred(port.stopListening))

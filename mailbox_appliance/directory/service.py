@@ -20,6 +20,7 @@ from mailbox_appliance.directory.cache import CachingDirectory
 from mailbox_appliance.directory.embedded import EmbeddedLDAPServer
 from mailbox_appliance.directory.ldap import LDAPDirectory
 from mailbox_appliance.interfaces import DirectoryUnavailable, IDirectory
+from mailbox_appliance.outcome import Outcome
 
 log = Logger()
 
@@ -107,23 +108,17 @@ class DirectoryService(service.MultiService):
         self._gate = GatedDirectory(reactor, settings.timeout)
         self.directory = CachingDirectory(self._gate, ttl=settings.cache_ttl, clock=reactor)
         self.ldap = None
-        self._outcome = None
-        self._waiting = []
+        self._ready = Outcome()
 
     def whenReady(self):
         """A Deferred firing with L{directory} once the LDAP client is set up.
 
         Fails (DirectoryUnavailable) when the embedded server could not start.
         """
-        if self._outcome is not None:
-            ok, value = self._outcome
-            return defer.succeed(value) if ok else defer.fail(value)
-        d = defer.Deferred(lambda d: d in self._waiting and self._waiting.remove(d))
-        self._waiting.append(d)
-        return d
+        return self._ready.wait()
 
     def startService(self):
-        self._outcome = None
+        self._ready.reset()
         super().startService()
         if self.embedded is not None:
             d = self.embedded.whenReady()
@@ -142,29 +137,20 @@ class DirectoryService(service.MultiService):
             timeout=settings.timeout, max_alias_depth=settings.max_alias_depth)
         self._gate.open(self.ldap)
         log.info("directory ready at {url} (base {base})", url=url, base=settings.base_dn)
-        self._settle(True, self.directory)
+        self._ready.settle(True, self.directory)
 
     def _failed(self, failure):
         reason = f"the directory could not start: {failure.getErrorMessage()}"
         log.error("{reason}", reason=reason)
         self._gate.broken(reason)
-        self._settle(False, DirectoryUnavailable(reason))
-
-    def _settle(self, ok, value):
-        self._outcome = (ok, value)
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            if ok:
-                d.callback(value)
-            else:
-                d.errback(value)
+        self._ready.settle(False, DirectoryUnavailable(reason))
 
     def stopService(self):
         """Close the client connections and stop the embedded server."""
         ldap, self.ldap = self.ldap, None
         self._gate.close()
         self.directory.clear()
-        self._outcome = None
+        self._ready.reset()
         closing = [defer.maybeDeferred(super().stopService)]
         if ldap is not None:
             closing.append(ldap.close())
