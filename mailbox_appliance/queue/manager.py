@@ -40,18 +40,30 @@ class QueueManager(Service):
         self._active = 0
         self._timers = {}
         self._idle_waiters = []
+        self._inflight = set()      # qids waiting in _ready or being attempted
+        self._recovering = None     # qids submitted while recovery reads the disk
 
     def startService(self):
         super().startService()
+        # The listeners take mail while recovery lists active/ in a thread: a
+        # message committed meanwhile is submitted by its receiver and may be
+        # listed too. It must not be attempted twice.
+        self._recovering = set()
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
                                       self.spool.recover)
 
         def recovered(messages):
+            seen, self._recovering = self._recovering, None
+            messages = [m for m in messages if m.qid not in seen]
             if messages:
                 self.log.info("queue: {n} message(s) recovered from disk", n=len(messages))
             for m in messages:
                 self.submit(m)
-        d.addCallbacks(recovered, lambda f: self.log.failure("queue recovery failed", f))
+
+        def failed(f):
+            self._recovering = None
+            self.log.failure("queue recovery failed", f)
+        d.addCallbacks(recovered, failed)
         self.recovered = d
         return d
 
@@ -61,15 +73,22 @@ class QueueManager(Service):
             if t.active():
                 t.cancel()
         self._timers.clear()
+        for qmsg in self._ready:
+            self._inflight.discard(qmsg.qid)
         self._ready.clear()
         # Let attempts in flight finish their disk work before the pools stop.
         return self.when_idle()
 
     def submit(self, qmsg):
         """Queue ``qmsg`` for an immediate attempt."""
+        if self._recovering is not None:
+            self._recovering.add(qmsg.qid)
+        if qmsg.qid in self._inflight:
+            return                  # already waiting or being attempted
         t = self._timers.pop(qmsg.qid, None)
         if t is not None and t.active():
             t.cancel()
+        self._inflight.add(qmsg.qid)
         self._ready.append(qmsg)
         self._kick()
 
@@ -79,6 +98,7 @@ class QueueManager(Service):
             self._active += 1
             d = self._attempt(qmsg)
             d.addErrback(lambda f, q=qmsg: self._attempt_failed(q, f))
+            d.addBoth(lambda r, q=qmsg: self._inflight.discard(q.qid))
             d.addBoth(self._attempt_done)
         if not self._ready and not self._active:
             waiters, self._idle_waiters = self._idle_waiters, []
@@ -107,6 +127,13 @@ class QueueManager(Service):
         env = qmsg.envelope
         newly_done = []
         pending = False
+        def done(key):
+            # Known in memory at once, so that no later attempt in this
+            # process (after a failed done-record or removal, or a crash of
+            # this attempt) repeats it; on disk with mark_done below.
+            newly_done.append(key)
+            qmsg.done.add(key)
+
         for idx, rcpt in enumerate(env.recipients):
             if f"{idx}:*" in qmsg.done:
                 continue
@@ -116,22 +143,34 @@ class QueueManager(Service):
                 self._log_status(qmsg, rcpt, rcpt, "deferred", f"4.4.3 directory unavailable: {e}")
                 pending = True
                 continue
+            except Exception as e:
+                self.log.failure("{qid}: routing <{rcpt}> failed", qid=qmsg.qid, rcpt=rcpt)
+                self._log_status(qmsg, rcpt, rcpt, "deferred", f"4.3.0 routing failed: {e}")
+                pending = True
+                continue
             if route.unknown:
                 self._log_status(qmsg, rcpt, rcpt, "bounced", "5.1.1 user unknown")
-                newly_done.append(f"{idx}:*")
+                done(f"{idx}:*")
                 continue
             complete = True
             for target in route.targets:
                 key = f"{idx}:{target.key}"
                 if key in qmsg.done:
                     continue
-                outcome = yield self._deliver_target(qmsg, idx, rcpt, target)
+                try:
+                    outcome = yield self._deliver_target(qmsg, idx, rcpt, target)
+                except Exception as e:
+                    self.log.failure("{qid}: delivery to <{to}> failed", qid=qmsg.qid,
+                                     to=target.address)
+                    self._log_status(qmsg, target.address, rcpt, "deferred",
+                                     f"4.3.0 delivery failed: {e}")
+                    outcome = "deferred"
                 if outcome == "sent" or outcome == "bounced":
-                    newly_done.append(key)
+                    done(key)
                 else:
                     complete = False
             if complete:
-                newly_done.append(f"{idx}:*")
+                done(f"{idx}:*")
             else:
                 pending = True
         # Later attempts read the file: do not keep the bytes in memory.
@@ -171,7 +210,14 @@ class QueueManager(Service):
             return
         sched = self.retry_schedule
         delay = sched[min(qmsg.attempts - 1, len(sched) - 1)]
-        self._timers[qmsg.qid] = self.reactor.callLater(delay, self.submit, qmsg)
+        old = self._timers.get(qmsg.qid)
+        if old is not None and old.active():
+            old.cancel()
+        self._timers[qmsg.qid] = self.reactor.callLater(delay, self._retry, qmsg)
+
+    def _retry(self, qmsg):
+        self._timers.pop(qmsg.qid, None)
+        self.submit(qmsg)
 
     def _log_status(self, qmsg, to, orig, status, reason):
         delay = max(0.0, self.reactor.seconds() - qmsg.envelope.arrival)
