@@ -560,3 +560,32 @@ class RecoveryTests(SpoolTestMixin, unittest.TestCase):
         raw = json.loads(e.to_json())
         raw["future"] = 1
         self.assertEqual(Envelope.from_json(json.dumps(raw).encode()), e)
+
+
+class BacklogTests(SpoolTestMixin, unittest.TestCase):
+    """Spilled bytes waiting for the writer thread are bounded by back-pressure."""
+
+    def test_backlogged_until_written(self):
+        spool = self.make_spool()
+        gates = []
+
+        def slow_thread(f, *a):
+            # Writes happen only when the test lets them.
+            d = defer.Deferred()
+            gates.append(lambda: d.callback(f(*a)))
+            return d
+        spool._thread = slow_thread
+        inc = spool.new_message(envelope())
+        inc.write_header()
+        block = b"z" * IncomingMessage.SPILL
+        while not inc.backlogged:
+            inc.write(block)
+        drained = []
+        inc.when_drained(lambda: drained.append(True))
+        self.assertEqual(drained, [])
+        while gates:
+            gates.pop(0)()
+        self.assertEqual(drained, [True])
+        self.assertEqual(inc.unwritten, 0)
+        self.assertFalse(inc.backlogged)
+        inc.abort()

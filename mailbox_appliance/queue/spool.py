@@ -96,6 +96,9 @@ class IncomingMessage:
     """
 
     SPILL = 256 * 1024
+    # More than this handed to the writer thread and not yet written: the
+    # receiver should stop reading from the client until it drains.
+    MAX_UNWRITTEN = 4 * 1024 * 1024
 
     def __init__(self, spool, qid, envelope):
         self.spool = spool
@@ -107,6 +110,8 @@ class IncomingMessage:
         self._pending = 0
         self._io = None             # Deferred of the last spill, if any
         self.spilled = False
+        self.unwritten = 0          # bytes spilled but not yet on disk
+        self._on_drained = None
         self.size = 0
         self.error = None
         self.header_len = 0
@@ -129,9 +134,22 @@ class IncomingMessage:
         if self._pending >= self.SPILL:
             self._spill()
 
+    @property
+    def backlogged(self) -> bool:
+        return self.unwritten > self.MAX_UNWRITTEN
+
+    def when_drained(self, callback):
+        """Call ``callback`` once the backlog of spilled bytes is small again."""
+        if not self.backlogged:
+            callback()
+        else:
+            self._on_drained = callback
+
     def _spill(self):
         chunks, self._chunks, self._pending = self._chunks, [], 0
         self.spilled = True
+        size = sum(map(len, chunks))
+        self.unwritten += size
 
         def work():
             if self.error is None:
@@ -139,7 +157,13 @@ class IncomingMessage:
 
         def failed(f):
             self.error = f.value
-        step = lambda _=None: self.spool._thread(work).addErrback(failed)
+
+        def written(_):
+            self.unwritten -= size
+            if self._on_drained is not None and not self.backlogged:
+                callback, self._on_drained = self._on_drained, None
+                callback()
+        step = lambda _=None: self.spool._thread(work).addErrback(failed).addCallback(written)
         self._io = step() if self._io is None else self._io.addCallback(step)
 
     def _write_all(self, chunks):

@@ -70,6 +70,7 @@ class SMTPServerProtocol(Protocol):
         self._deadline = None
         self._tls_active = False
         self._incoming = None
+        self._disk_paused = False
         self._last_command = ""
 
     # -- connection -------------------------------------------------------
@@ -205,7 +206,8 @@ class SMTPServerProtocol(Protocol):
         self._busy = False
         if self._paused:
             self._paused = False
-            self.transport.resumeProducing()
+            if not self._disk_paused:
+                self.transport.resumeProducing()
         self._pump()
 
     def _process_command(self) -> bool:
@@ -534,6 +536,12 @@ class SMTPServerProtocol(Protocol):
             chunk = bytes(buf[:k + 2])
             del buf[:k + 2]
             self._body_chunk(chunk)
+            if self._incoming.backlogged and not self._disk_paused:
+                # The disk is slower than the client: stop reading until the
+                # writer thread catches up, so memory does not follow input.
+                self._disk_paused = True
+                self.transport.pauseProducing()
+                self._incoming.when_drained(self._disk_drained)
         if len(buf) >= MAX_TEXT_LINE:
             # A line longer than the limit and no end in sight: drop it now
             # rather than buffer it (a CR at the end may begin the CRLF).
@@ -542,6 +550,11 @@ class SMTPServerProtocol(Protocol):
             del buf[:len(buf) - keep]
             self._mid_line = True
         return False
+
+    def _disk_drained(self):
+        self._disk_paused = False
+        if self._mode != CLOSING and not self._paused:
+            self.transport.resumeProducing()
 
     def _flag(self, code, enhanced, text):
         if self._data_error is None:
