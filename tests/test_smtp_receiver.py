@@ -574,3 +574,23 @@ class InjectionTests(ApplianceMixin, unittest.TestCase):
         factory = self.app.listeners["smtp"].factory
         factory.config = dataclasses.replace(
             factory.config, smtp=dataclasses.replace(factory.config.smtp, max_errors=1000))
+
+
+class DuplicateTargetTests(ApplianceMixin, unittest.TestCase):
+
+    def setUp(self):
+        return self.start_appliance()
+
+    @defer.inlineCallbacks
+    def test_one_copy_per_user(self):
+        import smtplib
+
+        def talk():
+            with smtplib.SMTP("127.0.0.1", self.port) as s:
+                s.sendmail("x@ext.test", ["alice@example.test", "staff@example.test",
+                                          "a.l@example.test"], MSG)
+        yield self.in_thread(talk)
+        yield self.settle()
+        self.assertEqual(len(self.delivered("alice")), 1)
+        self.assertEqual(len(self.delivered("bob")), 1)
+        self.assertEqual(self.queue_files(), [])

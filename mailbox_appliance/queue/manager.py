@@ -134,6 +134,11 @@ class QueueManager(Service):
             newly_done.append(key)
             qmsg.done.add(key)
 
+        # One copy per final destination and message, as Postfix does: a user
+        # named directly and through an alias, or two aliases, gets it once.
+        handled = {key.partition(":")[2] for key in qmsg.done}
+        tried = set()
+
         for idx, rcpt in enumerate(env.recipients):
             if f"{idx}:*" in qmsg.done:
                 continue
@@ -157,6 +162,13 @@ class QueueManager(Service):
                 key = f"{idx}:{target.key}"
                 if key in qmsg.done:
                     continue
+                if target.key in handled:
+                    done(key)
+                    continue
+                if target.key in tried:
+                    complete = False        # waits with the same target of another recipient
+                    continue
+                tried.add(target.key)
                 try:
                     outcome = yield self._deliver_target(qmsg, idx, rcpt, target)
                 except Exception as e:
@@ -167,6 +179,7 @@ class QueueManager(Service):
                     outcome = "deferred"
                 if outcome == "sent" or outcome == "bounced":
                     done(key)
+                    handled.add(target.key)
                 else:
                     complete = False
             if complete:
