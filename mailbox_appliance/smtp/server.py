@@ -71,7 +71,6 @@ class SMTPServerProtocol(Protocol):
         self._tls_active = False
         self._incoming = None
         self._disk_paused = False
-        self._last_command = ""
 
     # -- connection -------------------------------------------------------
 
@@ -261,7 +260,7 @@ class SMTPServerProtocol(Protocol):
             text = line.decode("ascii")
         except UnicodeDecodeError:
             text = None
-        if text is None or any(c in text for c in "\r\n\x00"):
+        if text is None or "\r" in text or "\n" in text or "\x00" in text:
             # A raw CR, LF or NUL inside a command would end up in headers or logs.
             verb = line.split(b" ", 1)[0].upper()
             if verb in (b"MAIL", b"RCPT") and text is None:
@@ -269,11 +268,10 @@ class SMTPServerProtocol(Protocol):
             return self._reply(501, "5.5.2", "Error: bad characters in command")
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
-        self._last_command = verb
         handler = getattr(self, "smtp_" + verb, None)
         if verb in _FORBIDDEN or verb.endswith(":"):
             self.log.warn("non-SMTP command from {ip}: {verb}", ip=self.session.client_ip,
-                          verb=verb[:20])
+                          verb=ascii(verb[:20]))
             self._reply(221, "2.7.0", "Error: I can break rules, too. Goodbye.", False)
             self._close()
             return None
