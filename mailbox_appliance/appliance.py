@@ -20,6 +20,8 @@ from mailbox_appliance.delivery.router import Router
 from mailbox_appliance.queue.manager import QueueManager
 from mailbox_appliance.queue.spool import Spool
 from mailbox_appliance.smtp.policy import HopCount, PolicyChain, RecipientExists, RelayAccess
+from mailbox_appliance.smtp.lmtp import (
+    LMTPClientAccess, LMTPServerFactory, LocalRecipientsOnly)
 from mailbox_appliance.smtp.server import SMTPServerFactory
 
 
@@ -100,6 +102,15 @@ class Appliance(service.MultiService):
             factory = SMTPServerFactory(reactor, config, self.policy, self.spool, self.queue,
                                         tls_context=self.tls_context)
             self._listen("smtp", config.listen.smtp, factory)
+        if config.listen.lmtp:
+            self.lmtp_policy = PolicyChain()
+            factory = LMTPServerFactory(reactor, config, self.lmtp_policy, self.spool,
+                                        self.queue, tls_context=self.tls_context)
+            for check in (LMTPClientAccess(factory.is_trusted), LocalRecipientsOnly(domains),
+                          RecipientExists(directory, domains),
+                          HopCount(config.smtp.max_received_headers)):
+                self.lmtp_policy.add(check)
+            self._listen("lmtp", config.listen.lmtp, factory)
 
     def startService(self):
         self.receive_worker.start()

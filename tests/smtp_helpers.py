@@ -66,7 +66,7 @@ class RawClient:
         self.sock.close()
 
 
-def write_config(tmpdir, extra="", domains=("example.test",)):
+def write_config(tmpdir, extra="", domains=("example.test",), lmtp=False):
     os.makedirs(tmpdir, exist_ok=True)
     ldif = os.path.join(tmpdir, "directory.ldif")
     with open(ldif, "w") as f:
@@ -82,6 +82,7 @@ def write_config(tmpdir, extra="", domains=("example.test",)):
             max_message_size = 100000
             [listen]
             smtp = "tcp:0:interface=127.0.0.1"
+            {'lmtp = "tcp:0:interface=127.0.0.1"' if lmtp else ''}
             [directory]
             ldif = "directory.ldif"
             [delivery]
@@ -96,10 +97,10 @@ class ApplianceMixin:
     config_extra = ""
 
     @defer.inlineCallbacks
-    def start_appliance(self, extra=None):
+    def start_appliance(self, extra=None, lmtp=False):
         self.tmp = os.path.abspath(self.mktemp())
         self.config = config_module.load(write_config(self.tmp, self.config_extra
-                                                      if extra is None else extra))
+                                                      if extra is None else extra, lmtp=lmtp))
         self.directory = FakeDirectory()
         self.alice = self.directory.add_user("alice", "alice@example.test", "a.l@example.test")
         self.bob = self.directory.add_user("bob", "bob@example.test")
@@ -111,6 +112,9 @@ class ApplianceMixin:
         self.addCleanup(self.app.stopService)
         port = yield self.app.listening_port("smtp")
         self.port = port.getHost().port
+        if lmtp:
+            port = yield self.app.listening_port("lmtp")
+            self.lmtp_port = port.getHost().port
 
     def in_thread(self, f, *a):
         return threads.deferToThread(f, *a)

@@ -105,6 +105,29 @@ class QueueManager(Service):
             for w in waiters:
                 w.callback(None)
 
+    def deliver_now(self, qmsg):
+        """Attempt ``qmsg`` at once and fire with its per-recipient statuses.
+
+        For LMTP, whose client waits for one answer per recipient: outside the
+        concurrency limit, and recipients that failed temporarily are given
+        back to the client (it retries them) instead of being kept here.
+        """
+        if self._recovering is not None:
+            self._recovering.add(qmsg.qid)
+        self._inflight.add(qmsg.qid)
+        self._active += 1
+        d = self._attempt(qmsg, give_back=True)
+
+        def crashed(f):
+            self._attempt_failed(qmsg, f)
+            return {i: "deferred" for i in range(len(qmsg.envelope.recipients))}
+
+        def finished(statuses):
+            self._inflight.discard(qmsg.qid)
+            self._attempt_done(None)
+            return statuses
+        return d.addErrback(crashed).addCallback(finished)
+
     def _attempt_done(self, _):
         self._active -= 1
         self._kick()
@@ -122,11 +145,19 @@ class QueueManager(Service):
         return d
 
     @defer.inlineCallbacks
-    def _attempt(self, qmsg):
+    def _attempt(self, qmsg, give_back=False):
+        """One delivery attempt; fires with {recipient index: status}.
+
+        Status is "sent", "bounced", "deferred" (temporary failure, kept for a
+        retry) or "queued" (accepted, waiting for remote delivery). With
+        ``give_back`` (LMTP), recipients that failed temporarily are handed
+        back to the client, which retries them: they are not kept.
+        """
         qmsg.attempts += 1
         env = qmsg.envelope
         newly_done = []
         pending = False
+        statuses = {}
         def done(key):
             # Known in memory at once, so that no later attempt in this
             # process (after a failed done-record or removal, or a crash of
@@ -146,18 +177,22 @@ class QueueManager(Service):
                 route = yield self.router.route(rcpt)
             except DirectoryUnavailable as e:
                 self._log_status(qmsg, rcpt, rcpt, "deferred", f"4.4.3 directory unavailable: {e}")
+                statuses[idx] = "deferred"
                 pending = True
                 continue
             except Exception as e:
                 self.log.failure("{qid}: routing <{rcpt}> failed", qid=qmsg.qid, rcpt=rcpt)
                 self._log_status(qmsg, rcpt, rcpt, "deferred", f"4.3.0 routing failed: {e}")
+                statuses[idx] = "deferred"
                 pending = True
                 continue
             if route.unknown:
                 self._log_status(qmsg, rcpt, rcpt, "bounced", "5.1.1 user unknown")
+                statuses[idx] = "bounced"
                 done(f"{idx}:*")
                 continue
             complete = True
+            local_failed = remote_waiting = False
             for target in route.targets:
                 key = f"{idx}:{target.key}"
                 if key in qmsg.done:
@@ -167,6 +202,7 @@ class QueueManager(Service):
                     continue
                 if target.key in tried:
                     complete = False        # waits with the same target of another recipient
+                    remote_waiting = True
                     continue
                 tried.add(target.key)
                 try:
@@ -182,19 +218,34 @@ class QueueManager(Service):
                     handled.add(target.key)
                 else:
                     complete = False
+                    if target.kind == "local":
+                        local_failed = True
+                    else:
+                        remote_waiting = True
             if complete:
+                statuses[idx] = "sent"
                 done(f"{idx}:*")
-            else:
+            elif local_failed or not remote_waiting:
+                statuses[idx] = "deferred"
                 pending = True
+            else:
+                statuses[idx] = "queued"
+                pending = True
+        if give_back:
+            for idx, status in statuses.items():
+                if status == "deferred":
+                    done(f"{idx}:*")
+            pending = any(f"{i}:*" not in qmsg.done for i in range(len(env.recipients)))
         # Later attempts read the file: do not keep the bytes in memory.
         qmsg.data = None
         if not pending:
             yield self.spool.remove(qmsg)
             mail_event(self.log, f"{qmsg.qid}: removed", qid=qmsg.qid)
-            return
+            return statuses
         if newly_done:
             yield self.spool.mark_done(qmsg, newly_done)
         self._schedule_retry(qmsg)
+        return statuses
 
     @defer.inlineCallbacks
     def _deliver_target(self, qmsg, idx, rcpt, target):

@@ -594,13 +594,15 @@ class SMTPServerProtocol(Protocol):
         s = self.session
         if self._data_error is not None:
             inc.abort()
+            self._answer_transaction(*self._data_error)
             s.reset_transaction()
-            return self._reply(*self._data_error)
+            return
         view = MessageView(inc, self._received_count, self._body_size)
+
         def judged(verdict):
             if verdict is not None:
                 inc.abort()
-                self._reply_verdict(verdict)
+                self._answer_transaction(verdict.code, verdict.enhanced, verdict.text)
                 return None
             return self.factory.spool.commit(inc).addCallbacks(queued, failed)
 
@@ -608,13 +610,12 @@ class SMTPServerProtocol(Protocol):
             mail_event(self.log, f"{qmsg.qid}: client=[{s.client_ip}], "
                                  f"from=<{qmsg.envelope.sender}>, size={qmsg.size}, "
                                  f"nrcpt={len(qmsg.envelope.recipients)}", qid=qmsg.qid)
-            self._reply(250, "2.0.0", f"Ok: queued as {qmsg.qid}")
-            self.factory.queue.submit(qmsg)
+            return self._accepted(qmsg)
 
         def failed(f):
             self.log.error("{qid}: queue write failed: {why}", qid=inc.qid,
                            why=f.getErrorMessage())
-            self._reply(451, "4.3.0", "Error: queue file write error")
+            self._answer_transaction(451, "4.3.0", "Error: queue file write error")
 
         def finish(result):
             s.reset_transaction()
@@ -626,6 +627,15 @@ class SMTPServerProtocol(Protocol):
         else:
             finish(None)
         self._await(result)
+
+    def _answer_transaction(self, code, enhanced, text):
+        """The answer to a whole message (LMTP gives one per recipient)."""
+        self._reply(code, enhanced, text)
+
+    def _accepted(self, qmsg):
+        """The message is durable in the queue: say so, and start delivering."""
+        self._reply(250, "2.0.0", f"Ok: queued as {qmsg.qid}")
+        self.factory.queue.submit(qmsg)
 
     def _abort_incoming(self):
         if self._incoming is not None:
