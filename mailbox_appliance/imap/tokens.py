@@ -6,8 +6,10 @@ The command parser turns the arguments of a command into Python values:
   section such as ``BODY.PEEK[HEADER.FIELDS (FROM TO)]<0.100>`` kept whole,
   sequence sets (``1:5,7,*``) and flags (``\\Seen``);
 * ``bytes`` for quoted strings and literals (their octets, unescaped);
-* ``list`` for parenthesized lists;
-* ``None`` for NIL.
+* ``list`` for parenthesized lists.
+
+NIL stays the atom ``NIL``: only the command knows whether it means "nothing"
+or a mailbox that happens to be called NIL.
 """
 
 
