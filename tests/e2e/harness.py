@@ -48,10 +48,12 @@ class ApplianceProcess:
     """One appliance process with its own folder, config and ports."""
 
     def __init__(self, workdir, domains=("example.test",), extra="", ldif=None,
-                 directory_url="", directory_extra=""):
+                 directory_url="", directory_extra="", listeners=()):
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.smtp_port = free_port()
+        # More listeners by name (lmtp, pop3, imap, ...), each on a free port.
+        self.ports = {name: free_port() for name in listeners}
         self.data_dir = os.path.join(self.workdir, "var")
         self.log_path = os.path.join(self.workdir, "twistd.log")
         ldif_name = "directory.ldif"
@@ -61,6 +63,8 @@ class ApplianceProcess:
         directory = (f'url = "{directory_url}"\n' if directory_url
                      else f'ldif = "{ldif_name}"\n') + directory_extra
         self.config_path = os.path.join(self.workdir, "mailappliance.toml")
+        listen_lines = "\n".join(f'{name} = "tcp:{port}:interface=127.0.0.1"'
+                                 for name, port in self.ports.items())
         with open(self.config_path, "w") as f:
             f.write(textwrap.dedent(f"""\
                 [server]
@@ -69,6 +73,7 @@ class ApplianceProcess:
                 data_dir = "var"
                 [listen]
                 smtp = "tcp:{self.smtp_port}:interface=127.0.0.1"
+                {listen_lines}
                 [directory]
                 base_dn = "dc=example,dc=test"
                 cache_ttl = 5
