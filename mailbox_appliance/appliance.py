@@ -12,17 +12,22 @@ import os
 from twisted.application import internet, service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailbox_appliance import tls
+from mailbox_appliance.authn import Authenticator
 from mailbox_appliance.durable import BatchWorker
 from mailbox_appliance.delivery.maildir import MaildirDelivery
 from mailbox_appliance.delivery.router import Router
+from mailbox_appliance.pop3.maildrop import StoreMaildrops
+from mailbox_appliance.pop3.server import POP3ServerFactory
 from mailbox_appliance.queue.manager import QueueManager
 from mailbox_appliance.queue.spool import Spool
 from mailbox_appliance.smtp.policy import HopCount, PolicyChain, RecipientExists, RelayAccess
 from mailbox_appliance.smtp.lmtp import (
     LMTPClientAccess, LMTPServerFactory, LocalRecipientsOnly)
 from mailbox_appliance.smtp.server import SMTPServerFactory
+from mailbox_appliance.store.store import MailStore
 
 
 class ListenerError(Exception):
@@ -82,9 +87,12 @@ class Appliance(service.MultiService):
         self.delivery_worker = BatchWorker(reactor, "delivery-io", threads=1)
         self.spool = Spool(reactor, os.path.join(data_dir, "queue"), worker=self.receive_worker)
         self.router = Router(directory, domains)
+        self.store = MailStore(reactor, os.path.join(data_dir, "mail"),
+                               hostname=config.server.hostname)
         self.local_delivery = MaildirDelivery(reactor, os.path.join(data_dir, "mail"),
                                               config.server.hostname,
-                                              worker=self.delivery_worker)
+                                              worker=self.delivery_worker,
+                                              on_delivered=self.store.notify_delivered)
         # Few deliveries at a time (Postfix's local(8) default is 2): local
         # deliveries share one disk thread anyway, and receiving mail keeps
         # the reactor's attention under load; the backlog drains right after.
@@ -111,6 +119,15 @@ class Appliance(service.MultiService):
                           HopCount(config.smtp.max_received_headers)):
                 self.lmtp_policy.add(check)
             self._listen("lmtp", config.listen.lmtp, factory)
+        self.authenticator = Authenticator(directory, reactor)
+        maildrops = StoreMaildrops(self.store)
+        for name, implicit in (("pop3", False), ("pop3s", True)):
+            description = getattr(config.listen, name)
+            if description:
+                factory = POP3ServerFactory(reactor, config.server.hostname, self.authenticator,
+                                            maildrops, tls_context=self.tls_context,
+                                            implicit_tls=implicit)
+                self._listen(name, description, factory, implicit_tls=implicit)
 
     def startService(self):
         self.receive_worker.start()
@@ -124,8 +141,10 @@ class Appliance(service.MultiService):
             return result
         return defer.maybeDeferred(super().stopService).addBoth(pools_down)
 
-    def _listen(self, name, description, factory):
+    def _listen(self, name, description, factory, implicit_tls=False):
         endpoint = endpoints.serverFromString(self.reactor, description)
+        if implicit_tls:
+            factory = TLSMemoryBIOFactory(self.tls_context, False, factory)
         svc = _Listener(name, description, endpoint, factory)
         svc.setName(f"listen-{name}")
         svc.setServiceParent(self)

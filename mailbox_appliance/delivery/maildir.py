@@ -72,11 +72,14 @@ class MaildirDelivery:
 
     log = Logger()
 
-    def __init__(self, reactor, mail_root, hostname, worker=None):
+    def __init__(self, reactor, mail_root, hostname, worker=None, on_delivered=None):
         self.reactor = reactor
         self.mail_root = mail_root
         self.hostname = re.sub(r"[^A-Za-z0-9.-]", "_", hostname)
         self.worker = worker or BatchWorker(reactor, "maildir")
+        # Told (domain, local) after each new message, so open IMAP sessions
+        # of that user hear of it at once (IDLE).
+        self.on_delivered = on_delivered
 
     def unique_name(self, qmsg, index, target_key):
         tag = hashlib.sha1(target_key.encode()).hexdigest()[:8]
@@ -96,7 +99,12 @@ class MaildirDelivery:
             if f.check(OSError):
                 raise DeliveryError(f"cannot sync mailbox: {f.getErrorMessage()}")
             return f
-        return d.addErrback(failed)
+
+        def written(new):
+            if new and self.on_delivered is not None:
+                self.on_delivered(domain, local)
+            return new
+        return d.addCallbacks(written, failed)
 
     def _write(self, qmsg, path, base, delivered_to, check_existing):
         try:
