@@ -17,6 +17,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from mailbox_appliance import tls
 from mailbox_appliance.authn import Authenticator
 from mailbox_appliance.durable import BatchWorker
+from mailbox_appliance.imap.commands import IMAPSessionFactory
 from mailbox_appliance.delivery.maildir import MaildirDelivery
 from mailbox_appliance.delivery.router import Router
 from mailbox_appliance.pop3.maildrop import StoreMaildrops
@@ -127,6 +128,13 @@ class Appliance(service.MultiService):
                 factory = POP3ServerFactory(reactor, config.server.hostname, self.authenticator,
                                             maildrops, tls_context=self.tls_context,
                                             implicit_tls=implicit)
+                self._listen(name, description, factory, implicit_tls=implicit)
+        for name, implicit in (("imap", False), ("imaps", True)):
+            description = getattr(config.listen, name)
+            if description:
+                factory = IMAPSessionFactory(reactor, config.server.hostname, self.authenticator,
+                                             self.store, tls_context=self.tls_context,
+                                             implicit_tls=implicit)
                 self._listen(name, description, factory, implicit_tls=implicit)
 
     def startService(self):

@@ -171,6 +171,9 @@ class IMAPServerProtocol(Protocol):
             return self._finish(cmd.tag, e)
         except ParseError:
             return self._answer_bad(cmd.tag, "Malformed arguments")
+        except Exception:
+            self.log.failure("IMAP command {name} failed", name=cmd.name)
+            return self._finish(cmd.tag, no("Internal error, try again later", "SERVERBUG"))
         if isinstance(result, defer.Deferred):
             self._busy = True
             result.addCallbacks(lambda r: self._finish(cmd.tag, r),
