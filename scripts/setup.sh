@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare a fresh machine: a virtualenv in .venv with the appliance installed,
 # and (when run as root on Debian) the command-line peers the tests drive.
-#   scripts/setup.sh [--system]   --system: also apt-get install swaks, slapd, ldap-utils, curl
+#   scripts/setup.sh [--system]   --system: also apt-get install swaks, slapd, ldap-utils, curl,
+#                                 isync (mbsync) and fetchmail
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -9,7 +10,7 @@ PY="${PYTHON:-python3}"
 if [ "${1:-}" = "--system" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=""
-    for pkg in swaks slapd ldap-utils curl; do
+    for pkg in swaks slapd ldap-utils curl isync fetchmail; do
       dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
     done
     if [ -n "$missing" ]; then
