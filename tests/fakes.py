@@ -18,10 +18,12 @@ class FakeDirectory:
         self.down = False
         self.delay = None          # a Deferred to wait on before answering
         self.queries = []
+        self.passwords = {}
 
-    def add_user(self, uid, mail, *extra, routing=""):
+    def add_user(self, uid, mail, *extra, routing="", password="secret"):
         user = User(dn=f"uid={uid},ou=people,dc=example,dc=test", uid=uid, mail=mail,
                     addresses=tuple(extra), routing_address=routing)
+        self.passwords[uid] = (user, password)
         for a in (mail,) + tuple(extra):
             self.users[a.lower()] = user
         return user
@@ -64,4 +66,10 @@ class FakeDirectory:
         return Expansion()
 
     def authenticate(self, login, password):
+        if self.down:
+            return defer.fail(DirectoryUnavailable("directory is down"))
+        key = login.lower()
+        for uid, (user, secret) in self.passwords.items():
+            if key in (uid, user.mail.lower()) and password and password == secret:
+                return defer.succeed(user)
         return defer.succeed(None)

@@ -66,7 +66,7 @@ class RawClient:
         self.sock.close()
 
 
-def write_config(tmpdir, extra="", domains=("example.test",), lmtp=False):
+def write_config(tmpdir, extra="", domains=("example.test",), lmtp=False, listeners=()):
     os.makedirs(tmpdir, exist_ok=True)
     ldif = os.path.join(tmpdir, "directory.ldif")
     with open(ldif, "w") as f:
@@ -83,6 +83,7 @@ def write_config(tmpdir, extra="", domains=("example.test",), lmtp=False):
             [listen]
             smtp = "tcp:0:interface=127.0.0.1"
             {'lmtp = "tcp:0:interface=127.0.0.1"' if lmtp else ''}
+            {chr(10).join(f'{n} = "tcp:0:interface=127.0.0.1"' for n in listeners)}
             [directory]
             ldif = "directory.ldif"
             [delivery]
@@ -97,10 +98,11 @@ class ApplianceMixin:
     config_extra = ""
 
     @defer.inlineCallbacks
-    def start_appliance(self, extra=None, lmtp=False):
+    def start_appliance(self, extra=None, lmtp=False, listeners=()):
         self.tmp = os.path.abspath(self.mktemp())
         self.config = config_module.load(write_config(self.tmp, self.config_extra
-                                                      if extra is None else extra, lmtp=lmtp))
+                                                      if extra is None else extra, lmtp=lmtp,
+                                                      listeners=listeners))
         self.directory = FakeDirectory()
         self.alice = self.directory.add_user("alice", "alice@example.test", "a.l@example.test")
         self.bob = self.directory.add_user("bob", "bob@example.test")
@@ -115,6 +117,10 @@ class ApplianceMixin:
         if lmtp:
             port = yield self.app.listening_port("lmtp")
             self.lmtp_port = port.getHost().port
+        self.ports = {}
+        for name in listeners:
+            port = yield self.app.listening_port(name)
+            self.ports[name] = port.getHost().port
 
     def in_thread(self, f, *a):
         return threads.deferToThread(f, *a)

@@ -125,6 +125,10 @@ def normalize(name: str, creating: bool = False) -> str:
         raise FolderNameError("mailbox name has an empty hierarchy level")
     if any(0xD800 <= ord(c) <= 0xDFFF for c in name):
         raise FolderNameError("mailbox name is not valid Unicode")
+    if creating and name.startswith("~"):
+        # Home-directory syntax in other servers' layouts; refused like Dovecot
+        # does, so a Maildir shared with them cannot hold a surprise.
+        raise FolderNameError("mailbox name starts with '~'")
     if creating and _WILDCARDS.search(name):
         raise FolderNameError("mailbox name contains a wildcard (* or %)")
     if parts[0].upper() == INBOX:
