@@ -293,6 +293,9 @@ class POP3ServerProtocol(Protocol):
         d = maildrop.delete(deleted) if deleted else defer.succeed(None)
 
         def done(_):
+            # The UPDATE state is over: free the maildrop before saying so.
+            self.maildrop = None
+            maildrop.release()
             self._ok(f"Bye, {len(deleted)} messages deleted")
             self._close()
 
