@@ -244,6 +244,15 @@ class EnvelopeTests(unittest.TestCase):
             [None, None, b"", b""],
         ])
 
+    def test_simple_address_fast_path_agrees_with_the_parser(self):
+        rng = random.Random(2822)
+        alphabet = [b"a", b"b", b" ", b"\t", b",", b"<", b">", b"@", b".", b"x.y", b"Name",
+                    b"\xc3\xa9", b"=?u?q?a?=", b"-", b"\r\n "]
+        for _ in range(20000):
+            value = mime._unfold(b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14))))
+            self.assertEqual(mime._address_list(value, mime._Budget(0), simple=True),
+                             mime._address_list(value, mime._Budget(0), simple=False), value)
+
     def test_field_names_case_insensitive_first_wins(self):
         env = envelope(b"SUBJECT: one\r\nsubject: two\r\nmessage-id: <m@x>\r\n\r\n")
         self.assertEqual(env, b'(NIL "one" NIL NIL NIL NIL NIL NIL NIL "<m@x>")')
