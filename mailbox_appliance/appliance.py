@@ -18,6 +18,7 @@ from mailbox_appliance import tls
 from mailbox_appliance.authn import Authenticator
 from mailbox_appliance.durable import BatchWorker
 from mailbox_appliance.imap.commands import IMAPSessionFactory
+from mailbox_appliance.netaddr import networks_predicate
 from mailbox_appliance.delivery.maildir import MaildirDelivery
 from mailbox_appliance.delivery.router import Router
 from mailbox_appliance.pop3.maildrop import StoreMaildrops
@@ -121,20 +122,21 @@ class Appliance(service.MultiService):
                 self.lmtp_policy.add(check)
             self._listen("lmtp", config.listen.lmtp, factory)
         self.authenticator = Authenticator(directory, reactor)
+        plaintext_ok = networks_predicate(config.plaintext_auth_nets())
         maildrops = StoreMaildrops(self.store)
         for name, implicit in (("pop3", False), ("pop3s", True)):
             description = getattr(config.listen, name)
             if description:
                 factory = POP3ServerFactory(reactor, config.server.hostname, self.authenticator,
                                             maildrops, tls_context=self.tls_context,
-                                            implicit_tls=implicit)
+                                            implicit_tls=implicit, plaintext_ok=plaintext_ok)
                 self._listen(name, description, factory, implicit_tls=implicit)
         for name, implicit in (("imap", False), ("imaps", True)):
             description = getattr(config.listen, name)
             if description:
                 factory = IMAPSessionFactory(reactor, config.server.hostname, self.authenticator,
                                              self.store, tls_context=self.tls_context,
-                                             implicit_tls=implicit)
+                                             implicit_tls=implicit, plaintext_ok=plaintext_ok)
                 self._listen(name, description, factory, implicit_tls=implicit)
 
     def startService(self):

@@ -50,6 +50,10 @@ class ServerConfig:
     domains: tuple = ("example.test",)
     data_dir: str = "var"
     relay_networks: tuple = ()
+    # Clients here may send passwords without TLS (IMAP LOGIN, POP3 USER/PASS);
+    # default none. Dovecot counts same-host connections as secure; list
+    # "127.0.0.0/8" (and "::1/128") for the same.
+    plaintext_auth_networks: tuple = ()
     max_message_size: int = 26214400
 
 
@@ -139,6 +143,10 @@ class Config:
 
     def relay_nets(self):
         return [ipaddress.ip_network(n, strict=False) for n in self.server.relay_networks]
+
+    def plaintext_auth_nets(self):
+        return [ipaddress.ip_network(n, strict=False)
+                for n in self.server.plaintext_auth_networks]
 
 
 _SECTIONS = {
@@ -233,12 +241,13 @@ def _validate(cfg: Config) -> None:
     for d in s.domains:
         if not re.match(r"^[A-Za-z0-9.-]+$", d) or "." not in d:
             raise ConfigError(f"{p}: [server] domains: expected domain names, got {d!r}")
-    for n in s.relay_networks:
-        try:
-            ipaddress.ip_network(n, strict=False)
-        except ValueError:
-            raise ConfigError(f"{p}: [server] relay_networks: expected CIDR networks "
-                              f"like \"192.0.2.0/24\", got {n!r}")
+    for key in ("relay_networks", "plaintext_auth_networks"):
+        for n in getattr(s, key):
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError:
+                raise ConfigError(f"{p}: [server] {key}: expected CIDR networks "
+                                  f"like \"192.0.2.0/24\", got {n!r}")
     if not s.data_dir:
         raise ConfigError(f"{p}: [server] data_dir: expected a folder, got ''")
     blocker = _not_a_folder(s.data_dir)

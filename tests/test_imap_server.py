@@ -141,3 +141,21 @@ class IMAPServerTests(unittest.TestCase):
         self.assertTrue(r[3][-1].startswith(b"d NO [TOOBIG]"))
         self.assertEqual(r[4], [b"e OK NOOP completed"])
         self.assertEqual(r[5], [b"* BYE Logging out", b"f OK Logout completed"])
+
+
+class PlaintextNetworkTests(IMAPServerTests):
+    """With plaintext_auth_networks covering the client, LOGIN works without TLS."""
+
+    def setUp(self):
+        super().setUp()
+        self.factory.plaintext_ok = lambda ip: ip == "127.0.0.1"
+
+    @defer.inlineCallbacks
+    def test_greeting_and_logindisabled(self):
+        def talk():
+            c = RawIMAP(self.portno)
+            return c.greeting, c.cmd("a", "LOGIN alice secret")
+        greeting, login = yield self.thread(talk)
+        self.assertIn(b"AUTH=PLAIN", greeting)
+        self.assertNotIn(b"LOGINDISABLED", greeting)
+        self.assertTrue(login[-1].startswith(b"a OK"))

@@ -5,6 +5,7 @@ import ipaddress
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from mailbox_appliance.netaddr import networks_predicate
 from tests.smtp_helpers import ApplianceMixin, RawClient
 
 MSG = b"From: a@ext.test\r\nTo: alice@example.test\r\nSubject: hi\r\n\r\nHello.\r\n"
@@ -514,7 +515,7 @@ class TrustedNetworkTests(ApplianceMixin, unittest.TestCase):
     @defer.inlineCallbacks
     def test_normalises_bare_lf(self):
         factory = self.app.listeners["smtp"].factory
-        factory._relay_nets = [ipaddress.ip_network("127.0.0.0/8")]
+        factory.is_trusted = networks_predicate([ipaddress.ip_network("127.0.0.0/8")])
 
         def talk():
             s = Session(self.port)

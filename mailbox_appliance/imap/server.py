@@ -77,6 +77,8 @@ class IMAPServerProtocol(Protocol):
 
     def connectionMade(self):
         self.client_ip = getattr(self.transport.getPeer(), "host", "")
+        # Passwords may travel in plaintext only from plaintext_auth_networks.
+        self.secure = self.tls_active or self.factory.plaintext_ok(self.client_ip)
         self._timer = self.reactor.callLater(self.factory.login_timeout, self._timed_out)
         self.send_line(b"* OK [CAPABILITY " + self.capabilities().encode() + b"] "
                        + self.factory.hostname.encode() + b" IMAP4rev1 ready")
@@ -109,12 +111,9 @@ class IMAPServerProtocol(Protocol):
         caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE",
                 "UNSELECT", "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN"]
         if self.state == NOT_AUTHENTICATED:
-            if self.tls_active:
-                caps.append("AUTH=PLAIN")
-            else:
-                if self.factory.tls_context is not None:
-                    caps.append("STARTTLS")
-                caps.append("LOGINDISABLED")
+            if not self.tls_active and self.factory.tls_context is not None:
+                caps.append("STARTTLS")
+            caps.append("AUTH=PLAIN" if self.secure else "LOGINDISABLED")
         return " ".join(caps)
 
     # -- input ------------------------------------------------------------
@@ -245,12 +244,12 @@ class IMAPServerProtocol(Protocol):
                                     max_literal=self.factory.max_command,
                                     max_append=self.factory.max_append)
         self.transport.startTLS(self.factory.tls_context)
-        self.tls_active = True
+        self.tls_active = self.secure = True
         return False
     cmd_STARTTLS.states = (NOT_AUTHENTICATED,)
 
     def cmd_LOGIN(self, tag, args):
-        if not self.tls_active:
+        if not self.secure:
             raise no("Plaintext authentication disallowed without TLS", "PRIVACYREQUIRED")
         if len(args) != 2:
             raise bad("Syntax: LOGIN user password")
@@ -261,7 +260,7 @@ class IMAPServerProtocol(Protocol):
     cmd_LOGIN.states = (NOT_AUTHENTICATED,)
 
     def cmd_AUTHENTICATE(self, tag, args):
-        if not self.tls_active:
+        if not self.secure:
             raise no("Plaintext authentication disallowed without TLS", "PRIVACYREQUIRED")
         if not args or not isinstance(args[0], Atom) or len(args) > 2:
             raise bad("Syntax: AUTHENTICATE mechanism [initial-response]")
@@ -357,7 +356,7 @@ class IMAPServerFactory(Factory):
 
     def __init__(self, reactor, hostname, authenticator, store, tls_context=None,
                  implicit_tls=False, max_append=50 * 1024 * 1024, max_command=65536,
-                 idle_timeout=30 * 60, login_timeout=60):
+                 idle_timeout=30 * 60, login_timeout=60, plaintext_ok=lambda ip: False):
         self.reactor = reactor
         self.hostname = hostname
         self.authenticator = authenticator
@@ -368,6 +367,7 @@ class IMAPServerFactory(Factory):
         self.max_command = max_command
         self.idle_timeout = idle_timeout
         self.login_timeout = login_timeout
+        self.plaintext_ok = plaintext_ok
 
     def buildProtocol(self, addr):
         return self.protocol(self)

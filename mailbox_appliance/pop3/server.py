@@ -53,6 +53,7 @@ class POP3ServerProtocol(Protocol):
 
     def connectionMade(self):
         self.client_ip = getattr(self.transport.getPeer(), "host", "")
+        self._secure = self._tls_active or self.factory.plaintext_ok(self.client_ip)
         self._timer = self.reactor.callLater(self.factory.idle_timeout, self._timed_out)
         self._send(f"+OK {self.factory.hostname} POP3 ready")
 
@@ -162,10 +163,10 @@ class POP3ServerProtocol(Protocol):
         caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING",
                 "EXPIRE NEVER", "LOGIN-DELAY 0"]
         if self._state == AUTHORIZATION:
-            if self._tls_active:
-                caps += ["USER", "SASL PLAIN"]
-            elif self.factory.tls_context is not None:
+            if not self._tls_active and self.factory.tls_context is not None:
                 caps.append("STLS")
+            if self._secure:
+                caps += ["USER", "SASL PLAIN"]
         caps.append("IMPLEMENTATION mailbox_appliance")
         return caps
 
@@ -184,12 +185,12 @@ class POP3ServerProtocol(Protocol):
         # Whatever the client pipelined in plaintext is forgotten (RFC 2595 4).
         self._buf.clear()
         self.transport.startTLS(self.factory.tls_context)
-        self._tls_active = True
+        self._tls_active = self._secure = True
         self._user = None
     pop_STLS.states = (AUTHORIZATION,)
 
     def _plaintext_refused(self):
-        if self._tls_active:
+        if self._secure:
             return False
         self._err("[AUTH] Plaintext authentication disallowed without TLS (use STLS)")
         return True
@@ -216,7 +217,7 @@ class POP3ServerProtocol(Protocol):
         if not arg:
             # RFC 5034 / the old "AUTH" listing of mechanisms.
             self._ok("Methods follow")
-            if self._tls_active:
+            if self._secure:
                 self._send("PLAIN")
             self._send(".")
             return None
@@ -427,7 +428,7 @@ class POP3ServerFactory(Factory):
     noisy = False
 
     def __init__(self, reactor, hostname, authenticator, maildrops, tls_context=None,
-                 implicit_tls=False, idle_timeout=600):
+                 implicit_tls=False, idle_timeout=600, plaintext_ok=lambda ip: False):
         self.reactor = reactor
         self.hostname = hostname
         self.authenticator = authenticator
@@ -435,6 +436,7 @@ class POP3ServerFactory(Factory):
         self.tls_context = tls_context
         self.implicit_tls = implicit_tls
         self.idle_timeout = idle_timeout
+        self.plaintext_ok = plaintext_ok
 
     def buildProtocol(self, addr):
         return self.protocol(self)

@@ -10,7 +10,6 @@ call per line. Decisions are left to the policy chain; storage to the spool.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from email.utils import formatdate
 
@@ -19,6 +18,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from mailbox_appliance.maillog import mail_event
+from mailbox_appliance.netaddr import networks_predicate
 from mailbox_appliance.queue.spool import Envelope
 from mailbox_appliance.smtp import address
 from mailbox_appliance.smtp.policy import Verdict, then
@@ -659,16 +659,7 @@ class SMTPServerFactory(Factory):
         self.spool = spool
         self.queue = queue
         self.tls_context = tls_context
-        self._relay_nets = config.relay_nets()
-
-    def is_trusted(self, ip):
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if addr.version == 6 and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self._relay_nets)
+        self.is_trusted = networks_predicate(config.relay_nets())
 
     def buildProtocol(self, addr):
         p = self.protocol(self)
