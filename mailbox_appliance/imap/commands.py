@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from twisted.internet import defer, task
 
-from mailbox_appliance.imap import fetch as fetch_mod
+from mailbox_appliance.imap import fetch as fetch_mod, mime
 from mailbox_appliance.imap.args import (
     ArgumentError, list_matcher, parse_date_time, parse_flags,
     parse_status_items, parse_store_action)
@@ -47,12 +47,14 @@ def _store_error(f):
 class _Msg:
     """What FETCH and SEARCH may ask of one message (see fetch.py)."""
 
-    __slots__ = ("uid", "flags", "internaldate", "size", "recent", "_data", "_header")
+    __slots__ = ("uid", "flags", "internaldate", "size", "recent", "_data", "_header",
+                 "envelope")
 
-    def __init__(self, info, recent, data=None, header=None):
+    def __init__(self, info, recent, data=None, header=None, envelope=None):
         self.uid, self.flags, self.internaldate, self.size = info
         self.recent = recent
         self._data, self._header = data, header
+        self.envelope = envelope
 
     def text(self):
         return self._data
@@ -408,31 +410,42 @@ class IMAPSession(IMAPServerProtocol):
                       if "\\Seen" not in (mbox.view.flags(uid) or ())]
             if unseen:
                 yield mbox.set_flags(unseen, {"\\Seen"}, "add", origin=sel)
+        want_env = any(item.name == "ENVELOPE" for item in items)
+        envelopes = mbox.derived
         for start in range(0, len(wanted), FETCH_BATCH):
             batch = wanted[start:start + FETCH_BATCH]
-            data = {}
+            uids = [uid for _, uid in batch]
+            data, headers = {}, {}
             if need == fetch_mod.MESSAGE:
-                data = yield self._read_many(mbox, [uid for _, uid in batch], mbox.read)
+                data = yield mbox.read_many(uids)
             elif need == fetch_mod.HEADER:
-                data = yield self._read_many(mbox, [uid for _, uid in batch],
-                                             mbox.read_headers)
+                headers = yield mbox.read_many(uids, headers=True)
+            elif want_env:
+                # ENVELOPE alone: only messages whose envelope is not cached yet.
+                missing = [u for u in uids if envelopes.get(u) is None]
+                if missing:
+                    headers = yield mbox.read_many(missing, headers=True)
             view = mbox.view
             out = []
             for seq, uid in batch:
                 info = view.info(uid)
                 if info is None:
                     continue        # expunged meanwhile by someone else
-                msg = _Msg(info, uid in sel.recent, data.get(uid), data.get(uid))
+                env = None
+                if want_env:
+                    env = envelopes.get(uid)
+                    if env is None:
+                        header = headers.get(uid) or data.get(uid)
+                        if header is not None:
+                            env = mime.envelope(header)
+                            envelopes.put(uid, env)
+                msg = _Msg(info, uid in sel.recent, data.get(uid),
+                           headers.get(uid) or data.get(uid), env)
                 out.append(fetch_mod.render_fetch(seq, items, msg))
             self.send(b"".join(out))
             if start + FETCH_BATCH < len(wanted):
                 # Let other sessions have the reactor between batches.
                 yield task.deferLater(self.reactor, 0, lambda: None)
-
-    def _read_many(self, mbox, uids, reader):
-        ds = [reader(uid).addCallbacks(lambda data, u=uid: (u, data), lambda f: None)
-              for uid in uids]
-        return defer.gatherResults(ds).addCallback(lambda pairs: dict(p for p in pairs if p))
 
     # STORE --------------------------------------------------------------
 
@@ -496,13 +509,14 @@ class IMAPSession(IMAPServerProtocol):
         uids = list(sel.uids)
         largest_seq, largest_uid = len(uids), (uids[-1] if uids else 0)
         hits = []
-        for start in range(0, len(uids), FETCH_BATCH if query.needs != "index" else len(uids) or 1):
-            batch = uids[start:start + (FETCH_BATCH if query.needs != "index" else len(uids))]
+        step = FETCH_BATCH if query.needs != "index" else max(1, len(uids))
+        for start in range(0, len(uids), step):
+            batch = uids[start:start + step]
             data = {}
             if query.needs == "full":
-                data = yield self._read_many(mbox, batch, mbox.read)
+                data = yield mbox.read_many(batch)
             elif query.needs == "header":
-                data = yield self._read_many(mbox, batch, mbox.read_headers)
+                data = yield mbox.read_many(batch, headers=True)
             view = mbox.view
             for i, uid in enumerate(batch, start + 1):
                 info = view.info(uid)

@@ -20,6 +20,7 @@ new/ files to cur/ and reports them as recent to exactly one listener.
 
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
 import os
@@ -130,6 +131,12 @@ class Mailbox:
         self._listeners = []
         self._queued_syncs = {}
         self.gone = False
+        # Header sections by UID (UIDs are never reused, so entries never go
+        # stale): FETCH ENVELOPE and SEARCH FROM/SUBJECT read them over and
+        # over, Dovecot keeps the same in its cache file.
+        self.headers = BoundedCache(HEADER_CACHE_BYTES)
+        # Front ends keep what they derive from a message here (IMAP ENVELOPE).
+        self.derived = BoundedCache(DERIVED_CACHE_BYTES)
 
     def __repr__(self):
         return f"<Mailbox {self.name!r} at {self.path!r}>"
@@ -564,6 +571,41 @@ class Mailbox:
         """The header section with CRLF line ends, including the empty line."""
         return self._read(uid, self._t_read_headers)
 
+    def read_many(self, uids, headers=False):
+        """{uid: bytes} of these messages (CRLF), or only their header sections,
+        in one trip to the disk thread; expunged ones are left out. Headers
+        come from the cache when it has them."""
+        view, out, items = self.view, {}, []
+        for uid in uids:
+            if headers:
+                hit = self.headers.get(uid)
+                if hit is not None:
+                    out[uid] = hit
+                    continue
+            pos = view.position(uid)
+            if pos >= 0:
+                items.append((uid, os.path.join(self.path, view.relpath(pos)), view.bases[pos]))
+        if not items:
+            return defer.succeed(out)
+        reader = self._t_read_headers if headers else self._t_read_all
+
+        def work():
+            found = {}
+            for uid, path, base in items:
+                try:
+                    found[uid] = reader(path, base)
+                except NoSuchMessage:
+                    continue
+            return found
+
+        def got(found):
+            if headers:
+                for uid, data in found.items():
+                    self.headers.put(uid, data)
+            out.update(found)
+            return out
+        return self._run(work).addCallbacks(got, map_os_error)
+
     def read_range(self, uid, start, length):
         """``length`` bytes from ``start`` of the CRLF form (partial FETCH)."""
         return self._read(uid, self._t_read_range, start, length)
@@ -840,6 +882,35 @@ class Mailbox:
 
 
 _EMPTY = MailboxView.empty()
+HEADER_CACHE_BYTES = 32 * 1024 * 1024
+DERIVED_CACHE_BYTES = 16 * 1024 * 1024
+
+
+class BoundedCache:
+    """A dict of bytes values bounded by their total size; least recently used go first."""
+
+    def __init__(self, max_bytes):
+        self.max_bytes = max_bytes
+        self._items = collections.OrderedDict()
+        self._size = 0
+
+    def get(self, key):
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key, value):
+        if len(value) > self.max_bytes // 4:
+            return
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._size -= len(old)
+        self._items[key] = value
+        self._size += len(value)
+        while self._size > self.max_bytes:
+            _, dropped = self._items.popitem(last=False)
+            self._size -= len(dropped)
 
 
 def maildir_unique(hostname):
