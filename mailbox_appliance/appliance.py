@@ -134,9 +134,13 @@ class Appliance(service.MultiService):
         for name, implicit in (("imap", False), ("imaps", True)):
             description = getattr(config.listen, name)
             if description:
-                factory = IMAPSessionFactory(reactor, config.server.hostname, self.authenticator,
-                                             self.store, tls_context=self.tls_context,
-                                             implicit_tls=implicit, plaintext_ok=plaintext_ok)
+                factory = IMAPSessionFactory(
+                    reactor, config.server.hostname, self.authenticator, self.store,
+                    tls_context=self.tls_context, implicit_tls=implicit,
+                    plaintext_ok=plaintext_ok, max_append=config.imap.max_append,
+                    max_command=config.imap.max_command,
+                    idle_timeout=config.imap.idle_timeout,
+                    max_user_ip_connections=config.imap.max_user_ip_connections)
                 self._listen(name, description, factory, implicit_tls=implicit)
 
     def startService(self):

@@ -125,6 +125,16 @@ class SMTPConfig:
 
 
 @dataclass(frozen=True)
+class IMAPConfig:
+    """The ``[imap]`` section: limits of IMAP sessions."""
+
+    max_append: int = 50 * 1024 * 1024      # octets of one APPEND literal
+    max_command: int = 65536                # octets of any other command
+    max_user_ip_connections: int = 20       # sessions of one user from one address
+    idle_timeout: int = 30 * 60             # RFC 3501: at least 30 minutes
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``path`` is the file it came from."""
 
@@ -136,6 +146,7 @@ class Config:
     dns: DNSConfig = field(default_factory=DNSConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
+    imap: IMAPConfig = field(default_factory=IMAPConfig)
 
     @property
     def data_dir(self) -> str:
@@ -157,6 +168,7 @@ _SECTIONS = {
     "dns": DNSConfig,
     "delivery": DeliveryConfig,
     "smtp": SMTPConfig,
+    "imap": IMAPConfig,
 }
 
 # Keys naming files, resolved against the config file's folder.
@@ -326,10 +338,12 @@ def _validate(cfg: Config) -> None:
                               f"got {item!r}")
     if cfg.smtp.max_recipients < 100:
         raise ConfigError(f"{p}: [smtp] max_recipients: expected at least 100 (RFC 5321 4.5.3.1.8)")
-    for f in dataclasses.fields(SMTPConfig):
-        if getattr(cfg.smtp, f.name) <= 0:
-            raise ConfigError(f"{p}: [smtp] {f.name}: expected a positive number, "
-                              f"got {getattr(cfg.smtp, f.name)}")
+    for section in ("smtp", "imap"):
+        values = getattr(cfg, section)
+        for f in dataclasses.fields(values):
+            if getattr(values, f.name) <= 0:
+                raise ConfigError(f"{p}: [{section}] {f.name}: expected a positive number, "
+                                  f"got {getattr(values, f.name)}")
 
 
 def _not_a_folder(path):

@@ -159,3 +159,28 @@ class PlaintextNetworkTests(IMAPServerTests):
         self.assertIn(b"AUTH=PLAIN", greeting)
         self.assertNotIn(b"LOGINDISABLED", greeting)
         self.assertTrue(login[-1].startswith(b"a OK"))
+
+
+class ConnectionCapTests(IMAPServerTests):
+
+    @defer.inlineCallbacks
+    def test_sessions_per_user_and_address(self):
+        self.factory.max_user_ip_connections = 2
+
+        def talk():
+            clients = [RawIMAP(self.portno) for _ in range(3)]
+            answers = []
+            for c in clients:
+                c.starttls()
+                answers.append(c.cmd("a", "LOGIN alice secret")[-1])
+            clients[0].cmd("z", "LOGOUT")
+            clients[0].close()
+            import time
+            time.sleep(0.3)
+            answers.append(clients[2].cmd("b", "LOGIN alice secret")[-1])
+            return answers
+        answers = yield self.thread(talk)
+        self.assertTrue(answers[0].startswith(b"a OK"))
+        self.assertTrue(answers[1].startswith(b"a OK"))
+        self.assertTrue(answers[2].startswith(b"a NO [LIMIT]"), answers[2])
+        self.assertTrue(answers[3].startswith(b"b OK"), answers[3])

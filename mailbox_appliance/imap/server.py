@@ -83,10 +83,19 @@ class IMAPServerProtocol(Protocol):
         self.send_line(b"* OK [CAPABILITY " + self.capabilities().encode() + b"] "
                        + self.factory.hostname.encode() + b" IMAP4rev1 ready")
 
+    _session_key = None
+
     def connectionLost(self, reason):
         self.state = LOGOUT
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        key, self._session_key = self._session_key, None
+        if key is not None:
+            left = self.factory.sessions.get(key, 1) - 1
+            if left > 0:
+                self.factory.sessions[key] = left
+            else:
+                self.factory.sessions.pop(key, None)
         self.session_closed()
 
     def session_closed(self):
@@ -329,6 +338,11 @@ class IMAPServerProtocol(Protocol):
 
     def logged_in(self, user):
         """Enter the authenticated state (the mailbox layer extends this)."""
+        key = (user.dn, self.client_ip)
+        if self.factory.sessions.get(key, 0) >= self.factory.max_user_ip_connections:
+            raise no("Too many connections of this user from this address", "LIMIT")
+        self.factory.sessions[key] = self.factory.sessions.get(key, 0) + 1
+        self._session_key = key
         self.user = user
         self.state = AUTHENTICATED
         self.log.info("imap login: user={uid} ip=[{ip}]", uid=user.uid, ip=self.client_ip)
@@ -356,7 +370,8 @@ class IMAPServerFactory(Factory):
 
     def __init__(self, reactor, hostname, authenticator, store, tls_context=None,
                  implicit_tls=False, max_append=50 * 1024 * 1024, max_command=65536,
-                 idle_timeout=30 * 60, login_timeout=60, plaintext_ok=lambda ip: False):
+                 idle_timeout=30 * 60, login_timeout=60, plaintext_ok=lambda ip: False,
+                 max_user_ip_connections=20):
         self.reactor = reactor
         self.hostname = hostname
         self.authenticator = authenticator
@@ -368,6 +383,8 @@ class IMAPServerFactory(Factory):
         self.idle_timeout = idle_timeout
         self.login_timeout = login_timeout
         self.plaintext_ok = plaintext_ok
+        self.max_user_ip_connections = max_user_ip_connections
+        self.sessions = {}          # (user dn, client ip) -> number of sessions
 
     def buildProtocol(self, addr):
         return self.protocol(self)
