@@ -53,6 +53,8 @@ hostname = "mail.example.test"
 domains = ["example.test"]
 data_dir = "var"
 plaintext_auth_networks = ["127.0.0.0/8"]
+[imap]
+max_user_ip_connections = 1000
 [listen]
 smtp = "tcp:$smtp_port:interface=127.0.0.1"
 imap = "tcp:$imap_port:interface=127.0.0.1"
