@@ -79,7 +79,11 @@ def generate_self_signed(hostname: str, cert_path: str, key_path: str) -> None:
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=3650))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        # An end-entity certificate (CA:FALSE): clients that pin it, such as
+        # mbsync's CertificateFile, accept it whatever name they connect to.
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                       critical=False)
         .sign(key, hashes.SHA256())
     )
     os.makedirs(os.path.dirname(cert_path), mode=0o700, exist_ok=True)
