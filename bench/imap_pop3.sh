@@ -18,6 +18,7 @@ PY="${PYTHON:-$here/.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 peer="${PEER_BENCH:-$here/../shared/bench}"
 work="$(mktemp -d "${BENCH_DIR:-/var/tmp}/mailappliance-imapbench.XXXXXX")"
+chmod 755 "$work"     # the peer Dovecot's unprivileged processes must reach its files
 pid=""
 cleanup() {
   [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true

@@ -366,6 +366,25 @@ class _Context:
             self._body.extend(_norm(s) for s in _decoded_parts(text))
         return self._body
 
+    def body_contains(self, needle):
+        """Whether ``needle`` (normalized) is in the body, deciding cheaply when it can.
+
+        For an ASCII needle without spaces and an ASCII body, a byte search in
+        the lower-cased raw body says the same as the normalized one; only
+        encoded (quoted-printable, base64) parts then need decoding.
+        """
+        if self._body is not None or not _PLAIN_NEEDLE.match(needle):
+            return any(needle in hay for hay in self.body())
+        text = self.text()
+        raw = _split(text)[1][:RAW_CAP]
+        if not raw.isascii():
+            return any(needle in hay for hay in self.body())
+        if needle.encode("ascii") in raw.lower():
+            return True
+        if b"base64" not in text.lower() and b"quoted-printable" not in text.lower():
+            return False
+        return any(needle in _norm(part) for part in _decoded_parts(text))
+
     def header_text(self):
         got = self._values.get(None)
         if got is None:
@@ -569,7 +588,7 @@ class _Text(_Node):
             ctx.text()          # so that the header comes from the same read
             if needle in ctx.header_text():
                 return True
-        return any(needle in hay for hay in ctx.body())
+        return ctx.body_contains(needle)
 
     def __repr__(self):
         return f"{'TEXT' if self.whole else 'BODY'} {self.text!r}"
@@ -637,6 +656,9 @@ def _and(nodes):
 # Message text
 
 _WS = re.compile(r"\s+")
+
+
+_PLAIN_NEEDLE = re.compile(r"^[\x21-\x7e]+$")
 
 
 def _norm(text):

@@ -9,6 +9,7 @@ RFC 3501 allows (expunges never while a command uses sequence numbers).
 from __future__ import annotations
 
 import bisect
+from array import array
 
 from mailbox_appliance.imap.sequence import resolve
 
@@ -20,7 +21,11 @@ class SelectedMailbox:
         self.name = name
         self.mailbox = mailbox
         self.readonly = readonly
-        self.uids = list(mailbox.view.uids)
+        # The view's UID array is shared (views never change) until this
+        # session's numbering departs from it: 200 idle sessions on a big
+        # mailbox must not hold 200 copies.
+        self.uids = mailbox.view.uids
+        self._own_uids = False
         self.recent = set(recent)
         self._new = set()
         self._expunged = set()
@@ -81,13 +86,19 @@ class SelectedMailbox:
             seqs.update(range(lo, hi + 1))
         return [(s, self.uids[s - 1]) for s in sorted(seqs)]
 
+    def _writable_uids(self):
+        if not self._own_uids:
+            self.uids = array("I", self.uids)
+            self._own_uids = True
+        return self.uids
+
     def forget(self, uids):
         """Drop UIDs this session expunged itself; returns the EXPUNGE lines."""
         lines = []
         for uid in sorted(uids, reverse=True):
             seq = self.seq_of(uid)
             if seq is not None:
-                del self.uids[seq - 1]
+                del self._writable_uids()[seq - 1]
                 lines.append(b"* %d EXPUNGE" % seq)
             self.recent.discard(uid)
             self._expunged.discard(uid)
@@ -114,7 +125,7 @@ class SelectedMailbox:
             fresh = sorted(u for u in self._new if u > last)
             self._new = set()
             if fresh:
-                self.uids.extend(fresh)
+                self._writable_uids().extend(fresh)
                 lines.append(b"* %d EXISTS" % len(self.uids))
                 lines.append(b"* %d RECENT" % len(self.recent))
         return lines
