@@ -48,13 +48,14 @@ class _Msg:
     """What FETCH and SEARCH may ask of one message (see fetch.py)."""
 
     __slots__ = ("uid", "flags", "internaldate", "size", "recent", "_data", "_header",
-                 "envelope")
+                 "envelope", "search_cache")
 
-    def __init__(self, info, recent, data=None, header=None, envelope=None):
+    def __init__(self, info, recent, data=None, header=None, envelope=None, search_cache=None):
         self.uid, self.flags, self.internaldate, self.size = info
         self.recent = recent
         self._data, self._header = data, header
         self.envelope = envelope
+        self.search_cache = search_cache
 
     def text(self):
         return self._data
@@ -522,7 +523,8 @@ class IMAPSession(IMAPServerProtocol):
                 info = view.info(uid)
                 if info is None:
                     continue
-                msg = _Msg(info, uid in sel.recent, data.get(uid, b""), data.get(uid, b""))
+                msg = _Msg(info, uid in sel.recent, data.get(uid, b""), data.get(uid, b""),
+                           search_cache=mbox.search_values)
                 if query.matches(msg, i, largest_seq, largest_uid):
                     hits.append(uid if by_uid else i)
         self.send_line(b"* SEARCH" + b"".join(b" %d" % h for h in hits))

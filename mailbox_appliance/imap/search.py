@@ -342,10 +342,23 @@ class _Context:
         return self._fields
 
     def values(self, name):
-        """The normalized decoded values of the header fields called ``name``."""
+        """The normalized decoded values of the header fields called ``name``.
+
+        A message may bring ``search_cache`` (get/put by key): the values are
+        kept there joined by newlines (a normalized needle holds none), so a
+        repeated SEARCH FROM or SUBJECT decodes nothing.
+        """
         got = self._values.get(name)
         if got is None:
-            got = [_norm(_decode_value(v)) for n, v in self.fields() if n == name]
+            cache = getattr(self.msg, "search_cache", None)
+            key = (self.msg.uid, name)
+            joined = cache.get(key) if cache is not None else None
+            if joined is not None:
+                got = [joined]
+            else:
+                got = [_norm(_decode_value(v)) for n, v in self.fields() if n == name]
+                if cache is not None:
+                    cache.put(key, "\n".join(got))
             self._values[name] = got
         return got
 

@@ -135,8 +135,10 @@ class Mailbox:
         # stale): FETCH ENVELOPE and SEARCH FROM/SUBJECT read them over and
         # over, Dovecot keeps the same in its cache file.
         self.headers = BoundedCache(HEADER_CACHE_BYTES)
-        # Front ends keep what they derive from a message here (IMAP ENVELOPE).
+        # Front ends keep what they derive from a message here (IMAP ENVELOPE,
+        # decoded header values for SEARCH).
         self.derived = BoundedCache(DERIVED_CACHE_BYTES)
+        self.search_values = BoundedCache(DERIVED_CACHE_BYTES)
 
     def __repr__(self):
         return f"<Mailbox {self.name!r} at {self.path!r}>"
