@@ -392,11 +392,20 @@ class _Context:
         raw = _split(text)[1][:RAW_CAP]
         if not raw.isascii():
             return any(needle in hay for hay in self.body())
-        if needle.encode("ascii") in raw.lower():
+        low = text.lower()
+        if needle.encode("ascii") in low[len(text) - len(raw):]:
             return True
-        if b"base64" not in text.lower() and b"quoted-printable" not in text.lower():
+        if b"base64" not in low and b"quoted-printable" not in low:
             return False
         return any(needle in _norm(part) for part in _decoded_parts(text))
+
+    def header_contains(self, needle):
+        """Whether ``needle`` is in the decoded header (TEXT), cheaply when it can."""
+        if _PLAIN_NEEDLE.match(needle):
+            head = _split(self.text())[0]
+            if head.isascii() and b"=?" not in head:
+                return needle.encode("ascii") in head.lower()
+        return needle in self.header_text()
 
     def header_text(self):
         got = self._values.get(None)
@@ -599,7 +608,7 @@ class _Text(_Node):
         needle = self.needle
         if self.whole:
             ctx.text()          # so that the header comes from the same read
-            if needle in ctx.header_text():
+            if ctx.header_contains(needle):
                 return True
         return ctx.body_contains(needle)
 
