@@ -390,7 +390,10 @@ class FetchmailTests(ClientTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(self.rc).st_mode), 0o600)
 
     def fetchmail(self, what, *options, stls=True):
+        # Run as root, fetchmail keeps its lock in /var/run whatever FETCHMAILHOME
+        # says: a private pidfile lets tests run side by side.
         r = self.run_client(["fetchmail", "-f", self.rc, "--nodetach", "--nosyslog", "-v",
+                             "--pidfile", os.path.join(self.fmhome, "fetchmail.pid"),
                              "-i", self.idfile, *options], what)
         out = (r.stdout + r.stderr).decode(errors="replace")
         if stls:
