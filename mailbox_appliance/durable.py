@@ -128,3 +128,38 @@ def fsync_dir(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_all(fd, data):
+    """Write every octet of ``data`` to ``fd`` (os.write may write less)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def replace_file(path, data, mode=0o600, sync_dir=True):
+    """Put ``data`` at ``path`` so a crash leaves the old file or the new one.
+
+    Written to ``path.tmp`` and fsync'ed, renamed over ``path``, and the
+    folder fsync'ed (unless ``sync_dir`` is false).
+    """
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        unlink_quietly(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    if sync_dir:
+        fsync_dir(os.path.dirname(path) or ".")

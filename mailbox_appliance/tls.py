@@ -16,6 +16,8 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 
+from mailbox_appliance import durable
+
 
 def load_pair(cert_path: str, key_path: str):
     """Load and check a PEM certificate and its key; raises on any mismatch."""
@@ -56,16 +58,6 @@ def names_host(cert, hostname: str) -> bool:
     return hostname in cns and hostname in sans
 
 
-def _write_atomically(path: str, data: bytes, mode: int) -> None:
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def generate_self_signed(hostname: str, cert_path: str, key_path: str) -> None:
     """Write a self-signed certificate for ``hostname`` (key file mode 0600)."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -89,15 +81,10 @@ def generate_self_signed(hostname: str, cert_path: str, key_path: str) -> None:
     os.makedirs(os.path.dirname(cert_path), mode=0o700, exist_ok=True)
     # Written and synced before being renamed into place, so a crash leaves
     # the old pair or the new one, never an empty file.
-    _write_atomically(key_path, key.private_bytes(
+    durable.replace_file(key_path, key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption()), 0o600)
-    _write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    dir_fd = os.open(os.path.dirname(cert_path), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        serialization.NoEncryption()), 0o600, sync_dir=False)
+    durable.replace_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def _self_signed_pair(config):

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --system
-# -j2: the e2e tests pick free ports and temp dirs, so they run side by side.
+# One process by default (about a minute); the e2e tests pick free ports and
+# temp dirs, so TRIAL_ARGS=-j2 runs them side by side too.
 exec env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" .venv/bin/python -m twisted.trial \
-  ${TRIAL_ARGS:--j2} "${@:-tests}"
+  ${TRIAL_ARGS:-} "${@:-tests}"

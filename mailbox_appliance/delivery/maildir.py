@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailbox_appliance import durable
-from mailbox_appliance.durable import BatchWorker
+from mailbox_appliance.durable import BatchWorker, unlink_quietly as _unlink, write_all as _write_all
 from mailbox_appliance.interfaces import IDeliveryAgent
 
 _SAFE_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+=?^_`{|}~.-]{1,64}$")
@@ -184,12 +184,6 @@ def _one_line(text):
     return text.replace("\r", "").replace("\n", "")
 
 
-def _write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def _already_delivered(path, base):
     """Whether ``base`` is in new/ or cur/, with any size and flag suffixes.
 
@@ -204,8 +198,3 @@ def _already_delivered(path, base):
     return False
 
 
-def _unlink(p):
-    try:
-        os.unlink(p)
-    except OSError:
-        pass

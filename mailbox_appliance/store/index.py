@@ -263,10 +263,7 @@ class IndexFile:
         self._identity = (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def durable_write(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+durable_write = durable.write_all
 
 
 def next_uidvalidity(path: str, at_least: int = 0) -> int:

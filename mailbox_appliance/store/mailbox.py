@@ -986,14 +986,5 @@ def map_os_error(failure):
     return failure
 
 
-def _write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _unlink(path):
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+_write_all = durable.write_all
+_unlink = durable.unlink_quietly

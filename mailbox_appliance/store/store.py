@@ -15,7 +15,6 @@ holds them).
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import shutil
 import weakref
@@ -473,21 +472,6 @@ class UserStore:
                 removed = True
         if subs != before:
             ensure_maildir(self.maildir)
-            path = os.path.join(self.maildir, SUBSCRIPTIONS)
-            tmp = path + ".tmp"
             data = "".join(names.to_wire(n) + "\n" for n in subs).encode("ascii")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            except BaseException:
-                os.close(fd)
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            os.close(fd)
-            os.rename(tmp, path)
-            durable.fsync_dir(self.maildir)
+            durable.replace_file(os.path.join(self.maildir, SUBSCRIPTIONS), data)
         return removed
