@@ -27,7 +27,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. "$here/bench/lib.sh"
 imap_port="$(free_port)"; pop3_port="$(free_port)"; smtp_port="$(free_port)"
 maildir="$work/var/mail/example.test/test/Maildir"
 mkdir -p "$maildir"
@@ -64,14 +64,8 @@ pop3 = "tcp:$pop3_port:interface=127.0.0.1"
 ldif = "directory.ldif"
 base_dn = "dc=example,dc=test"
 CONF
-PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c \
-  'import sys; sys.argv[0]="twistd"; from twisted.scripts.twistd import run; run()' \
-  -n --pidfile= --logfile="$work/twistd.log" mailappliance --config "$work/mailappliance.toml" &
-pid=$!
-for _ in $(seq 100); do
-  if "$PY" -c "import socket,sys; s=socket.create_connection(('127.0.0.1',$imap_port),1); sys.exit(0 if s.recv(4)==b'* OK' else 1)" 2>/dev/null; then break; fi
-  sleep 0.1
-done
+start_appliance "$work" "$work/mailappliance.toml" "$imap_port"
+pid=$APPLIANCE_PID
 echo "== mailappliance ($count messages)"
 python3 "$peer/imap_bench.py" 127.0.0.1 "$imap_port" test@example.test pass --server-pid "$pid" \
   ${IMAP_BENCH_ARGS:-}

@@ -26,13 +26,14 @@ SMTP_SOURCE="$(command -v smtp-source || echo /usr/sbin/smtp-source)"
 rounds="${ROUNDS:-1}"
 peer="${PEER_BENCH:-$here/../shared/bench}"
 rcpt="${BENCH_RCPT:-alice@example.test}"
+. "$here/bench/lib.sh"
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 run_appliance() {
   local work port pid t0 t1 t2 n maildir
   work="$(mktemp -d "${BENCH_DIR:-/var/tmp}/mailappliance-bench.XXXXXX")"
-  port="$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+  port="$(free_port)"
   cp "$here/etc/directory.ldif" "$work/directory.ldif"
   cat >"$work/mailappliance.toml" <<CONF
 [server]
@@ -45,14 +46,8 @@ smtp = "tcp:$port:interface=127.0.0.1"
 ldif = "directory.ldif"
 base_dn = "dc=example,dc=test"
 CONF
-  PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c \
-    'import sys; sys.argv[0]="twistd"; from twisted.scripts.twistd import run; run()' \
-    -n --pidfile= --logfile="$work/twistd.log" mailappliance --config "$work/mailappliance.toml" &
-  pid=$!
-  for _ in $(seq 100); do
-    if "$PY" -c "import socket,sys; s=socket.create_connection(('127.0.0.1',$port),1); sys.exit(0 if s.recv(3)==b'220' else 1)" 2>/dev/null; then break; fi
-    sleep 0.1
-  done
+  start_appliance "$work" "$work/mailappliance.toml" "$port"
+  pid=$APPLIANCE_PID
   maildir="$work/var/mail/example.test/alice/Maildir/new"
   t0=$(date +%s.%N)
   timeout "${SMTP_ACCEPT_TIMEOUT:-600}" "$SMTP_SOURCE" -s "$sessions" -m "$messages" -l "$size" \

@@ -3,6 +3,8 @@
 import socket
 import ssl
 
+from tests.smtp_helpers import RawClient
+
 
 def client_context():
     ctx = ssl.create_default_context()
@@ -11,23 +13,15 @@ def client_context():
     return ctx
 
 
-class RawIMAP:
+class RawIMAP(RawClient):
+    """RawClient speaking IMAP: reads the greeting, waits for tagged answers."""
+
     def __init__(self, port, timeout=10):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buf = b""
-        self.greeting = self.line()
+        super().__init__(port, timeout=timeout)
+        self.greeting = self.line(decode=False)
 
-    def send(self, data: bytes):
-        self.sock.sendall(data)
-
-    def line(self):
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(self.buf)
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
+    def line(self, decode=False):
+        return super().line(decode=decode)
 
     def until_tag(self, tag: bytes):
         """Lines up to and including the one starting with ``tag``."""
@@ -58,5 +52,3 @@ class RawIMAP:
         finally:
             self.sock.settimeout(10)
 
-    def close(self):
-        self.sock.close()

@@ -23,14 +23,14 @@ class RawClient:
     def send(self, data: bytes):
         self.sock.sendall(data)
 
-    def line(self):
+    def line(self, decode=True):
         while b"\r\n" not in self.buf:
             chunk = self.sock.recv(65536)
             if not chunk:
                 raise EOFError(self.buf)
             self.buf += chunk
         line, self.buf = self.buf.split(b"\r\n", 1)
-        return line.decode("ascii", "replace")
+        return line.decode("ascii", "replace") if decode else line
 
     def reply(self):
         """One whole reply: (code, [lines])."""
