@@ -144,6 +144,27 @@ def unlink_quietly(path):
         pass
 
 
+def write_synced(path, write, mode=0o600, exclusive=True, mtime=None):
+    """Create ``path``, let ``write(fd)`` fill it, fsync it; returns write's result.
+
+    On any failure the file is closed and removed, so nothing half-written
+    is left for a later rename to publish.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, mode)
+    try:
+        result = write(fd)
+        os.fsync(fd)
+        if mtime is not None:
+            os.utime(fd, (mtime, mtime))
+    except BaseException:
+        os.close(fd)
+        unlink_quietly(path)
+        raise
+    os.close(fd)
+    return result
+
+
 def replace_file(path, data, mode=0o600, sync_dir=True):
     """Put ``data`` at ``path`` so a crash leaves the old file or the new one.
 
@@ -151,15 +172,7 @@ def replace_file(path, data, mode=0o600, sync_dir=True):
     folder fsync'ed (unless ``sync_dir`` is false).
     """
     tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        write_all(fd, data)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        unlink_quietly(tmp)
-        raise
-    os.close(fd)
+    write_synced(tmp, lambda fd: write_all(fd, data), mode, exclusive=False)
     os.replace(tmp, path)
     if sync_dir:
         fsync_dir(os.path.dirname(path) or ".")

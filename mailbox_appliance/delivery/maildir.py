@@ -22,7 +22,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailbox_appliance import durable
-from mailbox_appliance.durable import BatchWorker, unlink_quietly as _unlink, write_all as _write_all
+from mailbox_appliance.durable import (
+    BatchWorker, unlink_quietly as _unlink, write_all as _write_all, write_synced)
 from mailbox_appliance.interfaces import IDeliveryAgent
 
 _SAFE_PART = re.compile(r"^[A-Za-z0-9!#$%&'*+=?^_`{|}~.-]{1,64}$")
@@ -115,20 +116,12 @@ class MaildirDelivery:
             head = (f"Return-Path: <{_one_line(qmsg.envelope.sender)}>\n"
                     f"Delivered-To: {_one_line(delivered_to)}\n").encode("utf-8", "replace")
             tmp = os.path.join(path, "tmp", base)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            write = lambda fd: _copy_lf(qmsg, fd, head)
             try:
-                fd = os.open(tmp, flags, 0o600)
+                size, crlf_size = write_synced(tmp, write, exclusive=False)
             except FileNotFoundError:
                 ensure_maildir(path)
-                fd = os.open(tmp, flags, 0o600)
-            try:
-                size, crlf_size = _copy_lf(qmsg, fd, head)
-                os.fsync(fd)
-            except BaseException:
-                os.close(fd)
-                _unlink(tmp)
-                raise
-            os.close(fd)
+                size, crlf_size = write_synced(tmp, write, exclusive=False)
             final = os.path.join(path, "new", f"{base},S={size},W={crlf_size}")
             try:
                 os.rename(tmp, final)

@@ -669,16 +669,7 @@ class Mailbox:
         size = wire_size(lf)
         base = f"{self._unique()},S={len(lf)},W={size}"
         tmp = os.path.join(self.path, "tmp", base)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            _write_all(fd, lf)
-            os.fsync(fd)
-            os.utime(fd, (date, date))
-        except BaseException:
-            os.close(fd)
-            _unlink(tmp)
-            raise
-        os.close(fd)
+        durable.write_synced(tmp, lambda fd: _write_all(fd, lf), mtime=date)
         view, changes = self._refresh(view)
         suffix = make_suffix(flags)
         final = os.path.join(self.path, "cur", base + suffix)
@@ -856,21 +847,14 @@ class Mailbox:
                                errno.ENOTSUP, errno.EACCES):
                 raise
         tmp = os.path.join(self.path, "tmp", os.path.basename(dst).split(":", 1)[0])
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
+        def copy(fd):
             with open(src, "rb") as f:
                 while True:
                     block = f.read(READ_CHUNK)
                     if not block:
                         break
                     _write_all(fd, block)
-            os.fsync(fd)
-            os.utime(fd, (date, date))
-        except BaseException:
-            os.close(fd)
-            _unlink(tmp)
-            raise
-        os.close(fd)
+        durable.write_synced(tmp, copy, mtime=date)
         os.rename(tmp, dst)
 
     @defer.inlineCallbacks
@@ -929,15 +913,7 @@ def write_new_message(folder, data, hostname):
     lf = data.replace(b"\r\n", b"\n")
     base = f"{maildir_unique(hostname)},S={len(lf)},W={wire_size(lf)}"
     tmp = os.path.join(folder, "tmp", base)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        _write_all(fd, lf)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _unlink(tmp)
-        raise
-    os.close(fd)
+    durable.write_synced(tmp, lambda fd: _write_all(fd, lf))
     try:
         os.rename(tmp, os.path.join(folder, "new", base))
     except BaseException:
