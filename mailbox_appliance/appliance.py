@@ -95,19 +95,25 @@ class Appliance(service.MultiService):
                                               config.server.hostname,
                                               worker=self.delivery_worker,
                                               on_delivered=self.store.notify_delivered)
-        # Few deliveries at a time (Postfix's local(8) default is 2): local
+        # Two deliveries at a time, as Postfix's local(8) default: local
         # deliveries share one disk thread anyway, and receiving mail keeps
         # the reactor's attention under load; the backlog drains right after.
         self.queue = QueueManager(reactor, config, self.spool, self.router, self.local_delivery,
-                                  concurrency=4)
+                                  concurrency=2)
         self.queue.setServiceParent(self)
 
+        self.listeners = {}
+        self._receivers(config, directory, domains)
+        self._readers(config, directory)
+
+    def _receivers(self, config, directory, domains):
+        """The MX and LMTP listeners, each with its policy chain."""
+        reactor = self.reactor
         self.policy = PolicyChain([
             RelayAccess(domains),
             RecipientExists(directory, domains),
             HopCount(config.smtp.max_received_headers),
         ])
-        self.listeners = {}
         if config.listen.smtp:
             factory = SMTPServerFactory(reactor, config, self.policy, self.spool, self.queue,
                                         tls_context=self.tls_context)
@@ -121,6 +127,10 @@ class Appliance(service.MultiService):
                           HopCount(config.smtp.max_received_headers)):
                 self.lmtp_policy.add(check)
             self._listen("lmtp", config.listen.lmtp, factory)
+
+    def _readers(self, config, directory):
+        """The POP3 and IMAP listeners (plain with STLS/STARTTLS, and implicit TLS)."""
+        reactor = self.reactor
         self.authenticator = Authenticator(directory, reactor)
         plaintext_ok = networks_predicate(config.plaintext_auth_nets())
         maildrops = StoreMaildrops(self.store)
@@ -149,11 +159,11 @@ class Appliance(service.MultiService):
         super().startService()
 
     def stopService(self):
-        def pools_down(result):
+        def workers_down(result):
             self.receive_worker.stop()
             self.delivery_worker.stop()
             return result
-        return defer.maybeDeferred(super().stopService).addBoth(pools_down)
+        return defer.maybeDeferred(super().stopService).addBoth(workers_down)
 
     def _listen(self, name, description, factory, implicit_tls=False):
         endpoint = endpoints.serverFromString(self.reactor, description)
