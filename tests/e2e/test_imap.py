@@ -121,3 +121,40 @@ class IMAPTests(unittest.TestCase):
                 break
         self.assertEqual(rest[-1], b"c OK IDLE terminated\r\n")
         s.close()
+
+
+MULTIPART = (b"From: a@ext.test\r\nTo: alice@example.test\r\nSubject: parts\r\n"
+             b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n"
+             b"--b1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nhello part one\r\n"
+             b"--b1\r\nContent-Type: application/pdf; name=\"x.pdf\"\r\n"
+             b"Content-Disposition: attachment; filename=\"x.pdf\"\r\n"
+             b"Content-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQK\r\n--b1--\r\n")
+
+
+class IMAPStructureTests(unittest.TestCase):
+    """FETCH of structure and sections through the real process."""
+
+    def test_bodystructure_sections_partial(self):
+        app = ApplianceProcess(self.mktemp(), listeners=("imaps",)).start()
+        self.addCleanup(app.stop)
+        m = imaplib.IMAP4_SSL("127.0.0.1", app.ports["imaps"], ssl_context=client_context())
+        m.login("alice", "alice-secret")
+        typ, data = m.append("INBOX", None, None, MULTIPART)
+        self.assertEqual(typ, "OK")
+        m.select("INBOX")
+        typ, data = m.fetch("1", "(BODYSTRUCTURE)")
+        self.assertIn(b'("TEXT" "PLAIN" ("CHARSET" "utf-8")', data[0])
+        self.assertIn(b'"APPLICATION" "PDF" ("NAME" "x.pdf")', data[0])
+        self.assertIn(b'"MIXED" ("BOUNDARY" "b1")', data[0])
+        typ, data = m.fetch("1", "(BODY.PEEK[1] BODY.PEEK[2.MIME] BODY.PEEK[TEXT]<0.6> "
+                                 "RFC822.HEADER FLAGS)")
+        joined = b"".join(part if isinstance(part, bytes) else b"".join(part) for part in data)
+        self.assertIn(b"hello part one", joined)
+        self.assertIn(b"Content-Disposition: attachment", joined)
+        self.assertIn(b"BODY[TEXT]<0> {6}", joined)
+        self.assertIn(b"Subject: parts", joined)
+        self.assertNotIn(b"\\Seen", joined)        # PEEK and RFC822.HEADER do not set it
+        typ, data = m.fetch("1", "(BODY[1])")
+        self.assertIn(b"\\Seen", b"".join(p if isinstance(p, bytes) else b"".join(p)
+                                          for p in data))
+        m.logout()
