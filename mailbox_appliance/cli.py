@@ -33,7 +33,7 @@ def cmd_check_config(args) -> int:
 
 
 def cmd_queue(args) -> int:
-    from mailbox_appliance.queue.spool import Spool, SpoolError
+    from mailbox_appliance.queue.spool import SpoolError, read_queue_file
     try:
         cfg = config_module.load(_config_path(args))
     except config_module.ConfigError as e:
@@ -43,13 +43,12 @@ def cmd_queue(args) -> int:
     if not os.path.isdir(active):
         print("Mail queue is empty")
         return 0
-    spool = Spool.__new__(Spool)
     count = 0
     for name in sorted(os.listdir(active)):
         if name.endswith(".done"):
             continue
         try:
-            m = spool.read(name, os.path.join(active, name))
+            m = read_queue_file(name, os.path.join(active, name))
         except (OSError, SpoolError, ValueError) as e:
             print(f"{name}  (unreadable: {e})")
             continue

@@ -629,36 +629,31 @@ class _Not(_Node):
         return f"NOT {self.node!r}"
 
 
-class _And(_Node):
+class _Group(_Node):
+    """Keys tested cheapest first: a failing flag test spares reading the message."""
+
     __slots__ = ("nodes", "cost")
 
     def __init__(self, nodes):
-        # Cheapest first: a failing flag test spares reading the message.
         self.nodes = sorted(nodes, key=lambda n: n.cost)
         self.cost = self.nodes[-1].cost
 
+
+class _And(_Group):
+    __slots__ = ()
+
     def test(self, ctx):
-        for node in self.nodes:
-            if not node.test(ctx):
-                return False
-        return True
+        return all(node.test(ctx) for node in self.nodes)
 
     def __repr__(self):
         return "(" + " ".join(repr(n) for n in self.nodes) + ")"
 
 
-class _Or(_Node):
-    __slots__ = ("nodes", "cost")
-
-    def __init__(self, nodes):
-        self.nodes = sorted(nodes, key=lambda n: n.cost)
-        self.cost = self.nodes[-1].cost
+class _Or(_Group):
+    __slots__ = ()
 
     def test(self, ctx):
-        for node in self.nodes:
-            if node.test(ctx):
-                return True
-        return False
+        return any(node.test(ctx) for node in self.nodes)
 
     def __repr__(self):
         return "OR " + " ".join(repr(n) for n in self.nodes)

@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from twisted.internet import defer, threads
+from twisted.internet import threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -409,25 +409,28 @@ class Spool:
                        qid=name, why=str(why))
 
     def read(self, qid, path) -> QueuedMessage:
-        with open(path, "rb") as f:
-            if f.read(len(MAGIC)) != MAGIC:
-                raise SpoolError("bad magic")
-            line = f.readline(MAX_ENVELOPE)
-            if not line.endswith(b"\n"):
-                raise SpoolError("truncated envelope")
-            envelope = Envelope.from_json(line)
-            offset = f.tell()
-            size = os.fstat(f.fileno()).st_size - offset
-        done = set()
-        try:
-            with open(path + ".done", "rb") as f:
-                done = {l.decode("utf-8", "replace") for l in f.read().split(b"\n") if l}
-        except FileNotFoundError:
-            pass
-        return QueuedMessage(qid=qid, envelope=envelope, path=path, body_offset=offset,
-                             size=size, done=done, recovered=True)
+        return read_queue_file(qid, path)
 
 
+def read_queue_file(qid, path) -> QueuedMessage:
+    """Parse one committed queue file and its done-records (blocking)."""
+    with open(path, "rb") as f:
+        if f.read(len(MAGIC)) != MAGIC:
+            raise SpoolError("bad magic")
+        line = f.readline(MAX_ENVELOPE)
+        if not line.endswith(b"\n"):
+            raise SpoolError("truncated envelope")
+        envelope = Envelope.from_json(line)
+        offset = f.tell()
+        size = os.fstat(f.fileno()).st_size - offset
+    done = set()
+    try:
+        with open(path + ".done", "rb") as f:
+            done = {l.decode("utf-8", "replace") for l in f.read().split(b"\n") if l}
+    except FileNotFoundError:
+        pass
+    return QueuedMessage(qid=qid, envelope=envelope, path=path, body_offset=offset,
+                         size=size, done=done, recovered=True)
 
 
 def _remove_file(path):

@@ -24,7 +24,7 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
 _IPV4_LITERAL = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
 _IPV6_TAG = "ipv6:"
-_ROUTE = re.compile(rf"^@[^,:]+(,@[^,:]+)*:")
+_ROUTE = re.compile(r"^@[^,:]+(,@[^,:]+)*:")
 _ESMTP_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 _ESMTP_VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e]+$")
 

@@ -31,14 +31,6 @@ class LMTPServerProtocol(SMTPServerProtocol):
 
     protocol_name = "LMTP"
 
-    def _greet(self, verdict):
-        if verdict is not None:
-            self._reply_verdict(verdict)
-            self._close()
-            return
-        self._reply(220, None, f"{self.factory.hostname} LMTP mailbox_appliance")
-        self._unbusy()
-
     def smtp_LHLO(self, arg):
         return self._helo(arg, True)
 
@@ -46,9 +38,6 @@ class LMTPServerProtocol(SMTPServerProtocol):
         return self._reply(500, "5.5.1", "Error: this is LMTP, use LHLO")
 
     smtp_EHLO = smtp_HELO
-
-    def _with_protocol(self):
-        return "LMTPS" if self._tls_active else "LMTP"
 
     def _answer_transaction(self, code, enhanced, text):
         for path in self.session.recipients:

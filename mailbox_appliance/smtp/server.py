@@ -36,6 +36,12 @@ _FORBIDDEN = {"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "USER"}
 CMD, DATA, CLOSING = range(3)
 
 
+def _drop_all_but_cr(buf):
+    """Throw away buffered octets of an overlong line, except a last CR that
+    may be the first half of the CRLF ending it."""
+    del buf[:len(buf) - (1 if buf.endswith(b"\r") else 0)]
+
+
 class MessageView:
     """What the end-of-data policy checks may see of a received message."""
 
@@ -96,7 +102,7 @@ class SMTPServerProtocol(Protocol):
             self._reply_verdict(verdict)
             self._close()
             return
-        self._reply(220, None, f"{self.factory.hostname} ESMTP mailbox_appliance")
+        self._reply(220, None, f"{self.factory.hostname} {self.protocol_name} mailbox_appliance")
         self._unbusy()
 
     def connectionLost(self, reason):
@@ -216,8 +222,7 @@ class SMTPServerProtocol(Protocol):
         if self._discarding:
             if i < 0:
                 self._discarding += len(buf)
-                keep = 1 if buf.endswith(b"\r") else 0
-                del buf[:len(buf) - keep]
+                _drop_all_but_cr(buf)
                 if self._discarding > MAX_JUNK_LINE:
                     self._reply(421, "4.7.0", "Error: line too long, closing")
                     self._close()
@@ -229,8 +234,7 @@ class SMTPServerProtocol(Protocol):
         if i < 0:
             if len(buf) >= MAX_COMMAND_LINE:
                 self._discarding = len(buf)
-                keep = 1 if buf.endswith(b"\r") else 0
-                del buf[:len(buf) - keep]
+                _drop_all_but_cr(buf)
             return False
         line = bytes(buf[:i])
         del buf[:i + 2]
@@ -513,8 +517,7 @@ class SMTPServerProtocol(Protocol):
             # Rest of an overlong line that was already flagged and dropped.
             i = buf.find(b"\r\n")
             if i < 0:
-                keep = 1 if buf.endswith(b"\r") else 0
-                del buf[:len(buf) - keep]
+                _drop_all_but_cr(buf)
                 return False
             del buf[:i + 2]
             self._mid_line = False
@@ -544,8 +547,7 @@ class SMTPServerProtocol(Protocol):
             # A line longer than the limit and no end in sight: drop it now
             # rather than buffer it (a CR at the end may begin the CRLF).
             self._flag(500, "5.5.2", "Error: message line too long")
-            keep = 1 if buf.endswith(b"\r") else 0
-            del buf[:len(buf) - keep]
+            _drop_all_but_cr(buf)
             self._mid_line = True
         return False
 
