@@ -3,7 +3,6 @@
 import os
 import socket
 import textwrap
-import time
 
 from twisted.internet import defer, reactor, threads
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
-import os
 
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint

@@ -1,10 +1,8 @@
 """End-to-end: IMAP on the real process with imaplib, mail delivered over SMTP."""
 
 import imaplib
-import re
 import smtplib
 import socket
-import ssl
 import time
 
 from twisted.trial import unittest

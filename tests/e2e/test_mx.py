@@ -4,14 +4,13 @@ import os
 import re
 import shutil
 import smtplib
-import ssl
 import subprocess
 import threading
 import time
 
 from twisted.trial import unittest
 
-from tests.e2e.harness import ApplianceProcess
+from tests.e2e.harness import ApplianceProcess, run_cli
 
 MSG = "From: x@ext.test\r\nTo: alice@example.test\r\nSubject: {subject}\r\n\r\n{body}\r\n"
 
@@ -76,6 +75,10 @@ class MXTests(unittest.TestCase):
         self.app.wait_for(lambda: "status=deferred" in self.app.log(), what="deferral")
         ids = self.app.queue_ids()
         self.assertEqual(len(ids), 1)
+        listing = run_cli("--config", self.app.config_path, "queue")
+        self.assertEqual(listing.returncode, 0, listing.stderr)
+        self.assertIn(ids[0], listing.stdout)
+        self.assertIn("carol@example.test  [pending]", listing.stdout)
         self.app.stop()
         self.app.start()
         self.app.wait_for(lambda: "recovered from disk" in self.app.log(), what="recovery")
