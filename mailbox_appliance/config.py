@@ -98,6 +98,7 @@ class DNSConfig:
     """The ``[dns]`` section."""
 
     servers: tuple = ()
+    timeout: int = 10               # seconds for one query, all retries included
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,50 @@ class DeliveryConfig:
 
     smtp_port: int = 25
     smarthost: str = ""
+    # AUTH to the smarthost; credentials are only ever sent inside TLS.
+    smarthost_user: str = ""
+    smarthost_password: str = ""
     retry_schedule: tuple = ("1m", "5m", "15m", "30m", "1h", "2h", "4h")
     warn_after: str = "4h"
     max_age: str = "5d"
+    # Outbound TLS per destination domain (or the smarthost's host name):
+    # "may" (opportunistic, the default), "encrypt" (TLS required, any
+    # certificate), "verify" (TLS with a certificate valid for the name),
+    # "none" (never STARTTLS).
+    tls_policy: dict = field(default_factory=dict)
+    # A bundle of CA certificates for "verify"; empty: the system's.
+    tls_ca_file: str = ""
+    max_connections: int = 50           # outbound SMTP connections in total
+    max_per_domain: int = 10            # ... to one destination domain
+    connect_timeout: int = 30
+    command_timeout: int = 300          # RFC 5321 4.5.3.2: 5 minutes per reply
+    data_timeout: int = 600             # the reply to the final dot: 10 minutes
+    connection_idle: int = 5            # an idle reusable connection is kept this long
+    connection_max_messages: int = 100  # messages over one connection, then a new one
+    # A destination whose every host refused or timed out is not tried again
+    # (its mail is deferred at once) for this long.
+    dead_destination_time: str = "60s"
+    # Delivery attempts in flight: fresh mail and retries have their own
+    # slots, so a backlog of deferred mail never holds up new mail.
+    concurrency: int = 40
+    retry_concurrency: int = 10
+    # Where a bounce that cannot be delivered goes (once); default
+    # postmaster@ the first of server.domains.
+    postmaster: str = ""
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    """The ``[submission]`` section: the authenticated ports (587/465)."""
+
+    # The envelope sender must be the user's mail or a mailLocalAddress (or <>).
+    sender_login_match: bool = True
+    # Likewise every address of the From: header; false relaxes it.
+    from_header_match: bool = True
+    # Name the authenticated user in a comment of the Received: header.
+    authenticated_header: bool = False
+    # Failed AUTH attempts per client address in one minute, then 421.
+    max_auth_failures_per_minute: int = 10
 
 
 @dataclass(frozen=True)
@@ -145,6 +187,7 @@ class Config:
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
     imap: IMAPConfig = field(default_factory=IMAPConfig)
 
@@ -167,15 +210,17 @@ _SECTIONS = {
     "directory": DirectoryConfig,
     "dns": DNSConfig,
     "delivery": DeliveryConfig,
+    "submission": SubmissionConfig,
     "smtp": SMTPConfig,
     "imap": IMAPConfig,
 }
 
 # Keys naming files, resolved against the config file's folder.
 _PATH_KEYS = {("server", "data_dir"), ("tls", "certificate"), ("tls", "key"),
-              ("directory", "ldif")}
+              ("directory", "ldif"), ("delivery", "tls_ca_file")}
 
-_TYPE_NAMES = {int: "an integer", str: "a string", tuple: "a list", bool: "true or false"}
+_TYPE_NAMES = {int: "an integer", str: "a string", tuple: "a list", bool: "true or false",
+               dict: "a table"}
 
 
 def _check_type(where, value, expected):
@@ -231,6 +276,12 @@ def from_dict(raw: dict, path: str) -> Config:
                     if not isinstance(item, str):
                         raise ConfigError(f"{where}: expected a list of strings, got {item!r}")
                 v = tuple(v)
+            elif hints[key] is dict:
+                for k, item in v.items():
+                    if not isinstance(item, str):
+                        raise ConfigError(f"{where}: expected a table of strings, "
+                                          f"got {k} = {item!r}")
+                v = {k.lower(): item for k, item in v.items()}
             if (name, key) in _PATH_KEYS and v:
                 v = os.path.normpath(os.path.join(base, v))
             kwargs[key] = v
@@ -323,7 +374,7 @@ def _validate(cfg: Config) -> None:
         if not m or not 0 < int(m.group(2)) <= 65535:
             raise ConfigError(f"{p}: [delivery] smarthost: expected \"host:port\", "
                               f"got {dl.smarthost!r}")
-    for key in ("warn_after", "max_age"):
+    for key in ("warn_after", "max_age", "dead_destination_time"):
         try:
             parse_duration(getattr(dl, key))
         except ValueError:
@@ -336,11 +387,32 @@ def _validate(cfg: Config) -> None:
         except ValueError:
             raise ConfigError(f"{p}: [delivery] retry_schedule: expected durations like \"5m\", "
                               f"got {item!r}")
+    for domain, level in dl.tls_policy.items():
+        if level not in TLS_LEVELS:
+            raise ConfigError(f"{p}: [delivery] tls_policy: expected one of "
+                              f"{', '.join(TLS_LEVELS)} for {domain!r}, got {level!r}")
+    if dl.smarthost_user and not dl.smarthost:
+        raise ConfigError(f"{p}: [delivery] smarthost_user: expected a smarthost to log in to")
+    if dl.tls_ca_file:
+        try:
+            with open(dl.tls_ca_file, "rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise ConfigError(f"{p}: [delivery] tls_ca_file: cannot read {dl.tls_ca_file}: "
+                              f"{e.strerror}")
+    if dl.postmaster and "@" not in dl.postmaster:
+        raise ConfigError(f"{p}: [delivery] postmaster: expected an address, "
+                          f"got {dl.postmaster!r}")
     if cfg.smtp.max_recipients < 100:
         raise ConfigError(f"{p}: [smtp] max_recipients: expected at least 100 (RFC 5321 4.5.3.1.8)")
-    for section in ("smtp", "imap"):
+    positive = [(s, f.name) for s in ("smtp", "imap") for f in dataclasses.fields(getattr(cfg, s))]
+    positive += [("delivery", k) for k in (
+        "max_connections", "max_per_domain", "connect_timeout", "command_timeout",
+        "data_timeout", "connection_max_messages", "concurrency", "retry_concurrency")]
+    positive += [("submission", "max_auth_failures_per_minute"), ("dns", "timeout")]
+    for section, name in positive:
         values = getattr(cfg, section)
-        for f in dataclasses.fields(values):
+        for f in [f for f in dataclasses.fields(values) if f.name == name]:
             if getattr(values, f.name) <= 0:
                 raise ConfigError(f"{p}: [{section}] {f.name}: expected a positive number, "
                                   f"got {getattr(values, f.name)}")
@@ -361,6 +433,8 @@ def _not_a_folder(path):
             return None
         probe = parent
 
+
+TLS_LEVELS = ("none", "may", "encrypt", "verify")
 
 _SMARTHOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 

@@ -82,3 +82,29 @@ class IMessageQueue(Interface):
         @return: Deferred firing with the queue id once file and directory are
             fsync'ed; only then may the receiver answer 250.
         """
+
+
+class IRemoteDelivery(Interface):
+    """Sends queued mail to other domains over SMTP (``delivery/remote.py``)."""
+
+    def deliver(message, domain, recipients):
+        """Deliver ``message`` to ``recipients``, all at ``domain``.
+
+        One SMTP transaction for them all where the other side allows it
+        (a 452 for some RCPTs moves the rest to another transaction).
+
+        @param message: the L{mailbox_appliance.queue.spool.QueuedMessage}; its
+            bytes are ``message.data`` when not None, else the file
+            ``message.path`` from ``message.body_offset`` (read off the
+            reactor thread). The envelope gives the sender, RET= and ENVID=.
+        @param domain: the destination domain (lower case); with a smarthost,
+            still the recipients' domain (for logs and limits).
+        @param recipients: a list of
+            L{mailbox_appliance.delivery.result.RemoteRecipient}.
+        @return: Deferred firing with {recipient idx:
+            L{mailbox_appliance.delivery.result.RecipientResult}}, one per
+            recipient given; it never fails.
+        """
+
+    def flush(domain=None):
+        """Forget that ``domain`` (or every destination) was found dead."""

@@ -6,6 +6,10 @@ Layout (plain files a person can inspect, as in Postfix):
                 acknowledged)
 * ``active/``  committed messages; a file is here only after its data was fsync'ed
 * ``active/<qid>.done``  targets already delivered, one per line, fsync'ed
+* ``active/<qid>.status`` what the queue manager knows of the attempts so far
+                (JSON, see ``QueuedMessage.status_record``; informational, not
+                fsync'ed: a lost one only costs a repeated delay notice)
+* ``hold/``    messages the administrator put on hold, with their records
 * ``corrupt/`` files that could not be parsed, kept for the administrator
 * ``free/``    delivered message files kept to be overwritten by new ones
 
@@ -28,7 +32,7 @@ from twisted.internet import threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailbox_appliance.durable import BatchWorker
+from mailbox_appliance.durable import BatchWorker, fsync_dir
 
 MAGIC = b"MAQ1\n"
 MAX_ENVELOPE = 4 * 1024 * 1024
@@ -49,9 +53,35 @@ class Envelope:
     helo: str = ""
     protocol: str = "ESMTP"
     auth: str = ""
+    # DSN (RFC 3461): RET= and ENVID= of MAIL ("" when not given), and per
+    # recipient (same order as ``recipients``; empty lists when nobody gave
+    # any) NOTIFY= as a comma list ("" = not given) and ORCPT= as received
+    # ("rfc822;xtext", "" = not given).
+    ret: str = ""
+    envid: str = ""
+    notify: list = field(default_factory=list)
+    orcpt: list = field(default_factory=list)
+    # "" for mail; "dsn" for a delivery status notice this appliance wrote;
+    # "postmaster" for the copy of a failed null-sender message sent to the
+    # postmaster, which is never reported on again (no bounce loops).
+    notice: str = ""
 
     def to_json(self) -> bytes:
-        return json.dumps(self.__dict__, ensure_ascii=True, separators=(",", ":")).encode()
+        d = self.__dict__
+        if not (self.ret or self.envid or self.notify or self.orcpt):
+            # Most mail carries no DSN request: keep those files as they were.
+            d = {k: v for k, v in d.items() if k not in ("ret", "envid", "notify", "orcpt")}
+        if not self.notice:
+            d = {k: v for k, v in d.items() if k != "notice"}
+        return json.dumps(d, ensure_ascii=True, separators=(",", ":")).encode()
+
+    def notify_of(self, idx) -> str:
+        """NOTIFY= of recipient ``idx`` ("" when the client gave none)."""
+        return self.notify[idx] if idx < len(self.notify) else ""
+
+    def orcpt_of(self, idx) -> str:
+        """ORCPT= of recipient ``idx`` ("" when the client gave none)."""
+        return self.orcpt[idx] if idx < len(self.orcpt) else ""
 
     @classmethod
     def from_json(cls, data: bytes) -> "Envelope":
@@ -61,9 +91,12 @@ class Envelope:
         env = cls(**{k: raw[k] for k in cls.__dataclass_fields__ if k in raw})
         # Every field is used later (log lines, Maildir names, headers): a
         # wrong type must make the file corrupt now, not crash each attempt.
-        texts = (env.sender, env.client_ip, env.helo, env.protocol, env.auth)
+        texts = (env.sender, env.client_ip, env.helo, env.protocol, env.auth, env.ret,
+                 env.envid, env.notice)
+        lists = (env.recipients, env.notify, env.orcpt)
         if not all(isinstance(t, str) for t in texts) or \
-                not all(isinstance(r, str) for r in env.recipients) or \
+                not all(isinstance(l, list) and all(isinstance(r, str) for r in l)
+                        for l in lists) or \
                 isinstance(env.arrival, bool) or not isinstance(env.arrival, (int, float)):
             raise ValueError("bad envelope types")
         return env
@@ -84,6 +117,34 @@ class QueuedMessage:
     # The message bytes while still in memory from receipt (small messages,
     # first attempt only), so the first delivery need not read the file.
     data: bytes | None = field(default=None, repr=False)
+    # When the next attempt is due (epoch seconds; 0: not scheduled).
+    next_attempt: float = 0.0
+    # A delay notice (DSN "delayed") went out for these recipient indexes.
+    warned: set = field(default_factory=set)
+    # The last result of each recipient not yet done: index -> dict with
+    # "status" (deferred, queued), "reply" (the remote or local reason, e.g.
+    # "451 4.3.0 try later") and "at" (epoch seconds).
+    last: dict = field(default_factory=dict)
+    held: bool = False
+
+    def status_record(self) -> bytes:
+        return json.dumps({"attempts": self.attempts, "next": self.next_attempt,
+                           "warned": sorted(self.warned),
+                           "rcpt": {str(k): v for k, v in self.last.items()}},
+                          ensure_ascii=True, separators=(",", ":")).encode()
+
+    def load_status_record(self, data: bytes):
+        """Take back what ``status_record`` wrote; a damaged record is ignored."""
+        try:
+            raw = json.loads(data)
+            attempts = int(raw.get("attempts", 0))
+            nxt = float(raw.get("next", 0.0))
+            warned = {int(i) for i in raw.get("warned", [])}
+            last = {int(k): dict(v) for k, v in raw.get("rcpt", {}).items()
+                    if isinstance(v, dict)}
+        except (ValueError, TypeError, AttributeError):
+            return
+        self.attempts, self.next_attempt, self.warned, self.last = attempts, nxt, warned, last
 
 
 class IncomingMessage:
@@ -246,7 +307,9 @@ class Spool:
         self.active_dir = os.path.join(root, "active")
         self.corrupt_dir = os.path.join(root, "corrupt")
         self.free_dir = os.path.join(root, "free")
-        for d in (self.tmp_dir, self.active_dir, self.corrupt_dir, self.free_dir):
+        self.hold_dir = os.path.join(root, "hold")
+        for d in (self.tmp_dir, self.active_dir, self.corrupt_dir, self.free_dir,
+                  self.hold_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
         self._counter = itertools.count()
         self._free = []             # spare files in free/, to be overwritten
@@ -357,6 +420,7 @@ class Spool:
             else:
                 _remove_file(qmsg.path)
             _unlink_quietly(qmsg.path + ".done")
+            _unlink_quietly(qmsg.path + ".status")
             return moved, None
 
         def moved(result):
@@ -368,6 +432,62 @@ class Spool:
                 self._free.append(result)
         return self.worker.submit(work).addBoth(moved)
 
+    def write_status(self, qmsg: QueuedMessage):
+        """Save the attempt record of ``qmsg`` for the admin command and restarts."""
+        data = qmsg.status_record()
+        path = qmsg.path + ".status"
+
+        def work():
+            tmp = path + ".tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+            return None, None
+        return self.worker.submit(work)
+
+    def move(self, qmsg: QueuedMessage, to_hold: bool):
+        """Move a message and its records between ``active/`` and ``hold/``.
+
+        Fires with the message, its ``path`` changed, once the move is
+        durable (both directories fsync'ed).
+        """
+        src_dir, dst_dir = ((self.active_dir, self.hold_dir) if to_hold
+                            else (self.hold_dir, self.active_dir))
+        name = os.path.basename(qmsg.path)
+        dst = os.path.join(dst_dir, name)
+
+        def work():
+            # Records first: a crash between leaves a message whose records
+            # wait beside it in the other folder, and recover() takes records
+            # from either place.
+            for ext in (".done", ".status"):
+                try:
+                    os.rename(os.path.join(src_dir, name + ext), dst + ext)
+                except FileNotFoundError:
+                    pass
+            os.rename(os.path.join(src_dir, name), dst)
+            fsync_dir(src_dir)
+            return None, dst_dir
+
+        def moved(_):
+            qmsg.path = dst
+            qmsg.held = to_hold
+            return qmsg
+        return self.worker.submit(work).addCallback(moved)
+
+    def delete(self, qmsg: QueuedMessage):
+        """Remove a message for good, without delivering it (the admin's delete)."""
+        def work():
+            _remove_file(qmsg.path)
+            for ext in (".done", ".status"):
+                _unlink_quietly(qmsg.path + ext)
+            return None, os.path.dirname(qmsg.path)
+        return self.worker.submit(work)
+
+    def held(self):
+        """Every message in ``hold/`` (blocking; for start-up and the admin command)."""
+        return self._read_folder(self.hold_dir, held=True)
+
     def recover(self):
         """Read every committed message left on disk (blocking; for start-up).
 
@@ -375,15 +495,26 @@ class Spool:
         created. A file that cannot be parsed is moved to corrupt/ with a log
         line, and recovery goes on with the others.
         """
+        return self._read_folder(self.active_dir)
+
+    def _read_folder(self, folder, held=False):
         found = []
-        for name in sorted(os.listdir(self.active_dir)):
-            path = os.path.join(self.active_dir, name)
-            if name.endswith(".done"):
-                if not os.path.exists(path[:-5]):
-                    _unlink_quietly(path)
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            base, dot, ext = name.partition(".")
+            if dot:
+                if ext in ("done", "status") and not os.path.exists(os.path.join(folder, base)):
+                    other = self.active_dir if held else self.hold_dir
+                    if os.path.exists(os.path.join(other, base)):
+                        # A move between active/ and hold/ was cut short.
+                        os.replace(path, os.path.join(other, name))
+                    else:
+                        _unlink_quietly(path)
                 continue
             try:
-                found.append(self.read(name, path))
+                m = self.read(name, path)
+                m.held = held
+                found.append(m)
             except FileNotFoundError:
                 continue            # delivered and removed while we listed
             except Exception as e:
@@ -429,8 +560,14 @@ def read_queue_file(qid, path) -> QueuedMessage:
             done = {l.decode("utf-8", "replace") for l in f.read().split(b"\n") if l}
     except FileNotFoundError:
         pass
-    return QueuedMessage(qid=qid, envelope=envelope, path=path, body_offset=offset,
-                         size=size, done=done, recovered=True)
+    m = QueuedMessage(qid=qid, envelope=envelope, path=path, body_offset=offset,
+                      size=size, done=done, recovered=True)
+    try:
+        with open(path + ".status", "rb") as f:
+            m.load_status_record(f.read(65536))
+    except FileNotFoundError:
+        pass
+    return m
 
 
 def _remove_file(path):
