@@ -107,8 +107,14 @@ class Appliance(service.MultiService):
         self._readers(config, directory)
 
     def _receivers(self, config, directory, domains):
-        """The MX and LMTP listeners, each with its policy chain."""
+        """The MX, submission and LMTP listeners, each with its policy chain."""
+        from mailbox_appliance.smtp.sasl import AuthFailureLimiter
+        from mailbox_appliance.smtp.submission import (
+            SubmissionServerFactory, submission_policy)
         reactor = self.reactor
+        # One Authenticator for every front end that takes passwords: failed
+        # logins over SMTP AUTH slow down IMAP and POP3 guesses too.
+        self.authenticator = Authenticator(directory, reactor)
         self.policy = PolicyChain([
             RelayAccess(domains),
             RecipientExists(directory, domains),
@@ -127,11 +133,21 @@ class Appliance(service.MultiService):
                           HopCount(config.smtp.max_received_headers)):
                 self.lmtp_policy.add(check)
             self._listen("lmtp", config.listen.lmtp, factory)
+        # Both submission ports share one policy and one failed-login count.
+        self.submission_policy = submission_policy(config, directory, domains)
+        limiter = AuthFailureLimiter(reactor, config.submission.max_auth_failures_per_minute)
+        for name, implicit in (("submission", False), ("submissions", True)):
+            description = getattr(config.listen, name)
+            if description:
+                factory = SubmissionServerFactory(
+                    reactor, config, self.submission_policy, self.spool, self.queue,
+                    self.tls_context, self.authenticator, limiter, implicit_tls=implicit,
+                    listener=name)
+                self._listen(name, description, factory, implicit_tls=implicit)
 
     def _readers(self, config, directory):
         """The POP3 and IMAP listeners (plain with STLS/STARTTLS, and implicit TLS)."""
         reactor = self.reactor
-        self.authenticator = Authenticator(directory, reactor)
         plaintext_ok = networks_predicate(config.plaintext_auth_nets())
         maildrops = StoreMaildrops(self.store)
         for name, implicit in (("pop3", False), ("pop3s", True)):

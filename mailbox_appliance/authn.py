@@ -1,4 +1,4 @@
-"""Password logins for the front ends (IMAP, POP3, later SMTP AUTH), with penalties.
+"""Password logins for the front ends (IMAP, POP3, SMTP AUTH), with penalties.
 
 The directory checks the password (an LDAP bind); this module adds what a
 server owes its users on top: a failed login costs the client time, more with
@@ -85,18 +85,29 @@ class Authenticator:
         wait = self.penalty(client_ip, login)
         if wait:
             yield task.deferLater(self.clock, wait, lambda: None)
-        try:
-            user = yield self.directory.authenticate(login, password)
-        except DirectoryUnavailable:
-            raise
-        key = login_key(login)
+        if not password:
+            # An empty password is never a login, whatever the directory would
+            # say (an LDAP bind without one is "unauthenticated", RFC 4513
+            # 5.1.2, and succeeds on many servers): a failure like any other.
+            user = None
+        else:
+            try:
+                user = yield self.directory.authenticate(login, password)
+            except DirectoryUnavailable:
+                raise
         if user is None:
-            self.by_client.add(client_ip)
-            self.by_account.add(key)
-            self.log.info("authentication failed for {login!r} from [{ip}]",
-                          login=key[:64], ip=client_ip)
+            self.record_failure(client_ip, login)
             return None
         # Only the client's count is forgiven: failures against the account
         # from elsewhere (someone guessing) keep counting.
         self.by_client.clear(client_ip)
         return user
+
+    def record_failure(self, client_ip, login):
+        """Count a failed login (also for a right password used wrongly, e.g. a
+        SASL authorization identity that is not the user's own)."""
+        key = login_key(login)
+        self.by_client.add(client_ip)
+        self.by_account.add(key)
+        self.log.info("authentication failed for {login!r} from [{ip}]",
+                      login=key[:64], ip=client_ip)

@@ -292,10 +292,12 @@ class BadInputTests(ApplianceMixin, unittest.TestCase):
                 "MAIL FROM:<a@ext.test> SIZE=999999999999",
                 "MAIL FROM:<a@ext.test> ENVID=" + "x" * 5000,
                 "MAIL FROM:<a@ext.test> BODY=8BITMIME SIZE=100")]
-            out.append(c.cmd("RCPT TO:<alice@example.test> NOTIFY=SUCCESS"))
+            out.append(c.cmd("RCPT TO:<alice@example.test> FOO=bar"))
+            out.append(c.cmd("RCPT TO:<alice@example.test> NOTIFY=SUCCESS ORCPT=rfc822;a"))
             return out
         r = yield self.in_thread(talk)
-        self.assertEqual([x[0] for x in r], [555, 501, 501, 552, 552, 500, 250, 555])
+        # DSN parameters (RFC 3461) are taken; tests/test_smtp_dsn_params.py has the rest.
+        self.assertEqual([x[0] for x in r], [555, 501, 501, 552, 552, 500, 250, 555, 250])
         self.assertEqual(r[3][1][0][:5], "5.3.4")
 
     @defer.inlineCallbacks

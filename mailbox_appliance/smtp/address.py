@@ -238,3 +238,86 @@ def parse_params(params: list) -> dict:
             raise AddressError(501, "5.5.4", f"Duplicate parameter {key}")
         out[key] = value if eq else None
     return out
+
+
+# -- DSN parameters (RFC 3461) and AUTH= (RFC 4954 5) ---------------------
+
+MAX_ENVID = 100
+MAX_ORCPT = 500
+_XTEXT = re.compile(r"^(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-Fa-f]{2})*$")
+_NOTIFY_WORDS = ("SUCCESS", "FAILURE", "DELAY")
+_ORCPT_TYPES = ("rfc822", "utf-8")
+
+
+def xtext_decode(value: str) -> str:
+    """The text an xtext (RFC 3461 4) stands for; AddressError if it is not one."""
+    if not _XTEXT.match(value):
+        raise AddressError(501, "5.5.4", "Bad xtext encoding")
+    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
+def _printable(text: str) -> bool:
+    return all(0x20 <= ord(c) <= 0x7e for c in text)
+
+
+def parse_ret(value) -> str:
+    """MAIL RET=FULL|HDRS, upper-cased."""
+    if value is None or value.upper() not in ("FULL", "HDRS"):
+        raise AddressError(501, "5.5.4", "Bad RET parameter, use RET=FULL or RET=HDRS")
+    return value.upper()
+
+
+def parse_envid(value) -> str:
+    """MAIL ENVID=xtext, kept encoded as received (at most 100 characters)."""
+    if not value or len(value) > MAX_ENVID:
+        raise AddressError(501, "5.5.4", f"Bad ENVID parameter (1 to {MAX_ENVID} characters)")
+    # Decoded, it will be written into a DSN header: no control characters.
+    if not _printable(xtext_decode(value)):
+        raise AddressError(501, "5.5.4", "Bad ENVID parameter: control characters")
+    return value
+
+
+def parse_notify(value) -> str:
+    """RCPT NOTIFY=NEVER or a list of SUCCESS, FAILURE, DELAY (upper-cased)."""
+    if not value:
+        raise AddressError(501, "5.5.4", "Bad NOTIFY parameter")
+    words = value.upper().split(",")
+    if words == ["NEVER"]:
+        return "NEVER"
+    if "NEVER" in words:
+        raise AddressError(501, "5.5.4", "Bad NOTIFY parameter: NEVER must stand alone")
+    if len(set(words)) != len(words) or any(w not in _NOTIFY_WORDS for w in words):
+        raise AddressError(501, "5.5.4",
+                           "Bad NOTIFY parameter, use NEVER or SUCCESS,FAILURE,DELAY")
+    return ",".join(words)
+
+
+def parse_orcpt(value) -> str:
+    """RCPT ORCPT=addr-type;xtext, as ``type;xtext`` with the type lower-cased."""
+    if not value or len(value) > MAX_ORCPT:
+        raise AddressError(501, "5.5.4", f"Bad ORCPT parameter (at most {MAX_ORCPT} characters)")
+    addr_type, semi, text = value.partition(";")
+    if not semi or addr_type.lower() not in _ORCPT_TYPES or not text:
+        raise AddressError(501, "5.5.4", "Bad ORCPT parameter, use ORCPT=rfc822;address")
+    if not _printable(xtext_decode(text)):
+        raise AddressError(501, "5.5.4", "Bad ORCPT parameter: control characters")
+    return f"{addr_type.lower()};{text}"
+
+
+def parse_auth_param(value) -> str:
+    """MAIL AUTH=<> or AUTH=xtext (RFC 4954 5): checked, the decoded identity returned."""
+    if value == "<>":
+        return ""
+    if not value:
+        raise AddressError(501, "5.5.4", "Bad AUTH parameter")
+    text = xtext_decode(value)
+    if not _printable(text):
+        raise AddressError(501, "5.5.4", "Bad AUTH parameter: control characters")
+    return text
+
+
+def parse_domain(text: str) -> str:
+    """A bare domain name (no address literal), lower-cased; AddressError if not one."""
+    if not text or text.startswith("["):
+        raise AddressError(501, "5.5.4", "Bad domain")
+    return _check_domain(text, "5.5.4")

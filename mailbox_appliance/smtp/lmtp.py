@@ -30,6 +30,7 @@ class LMTPServerProtocol(SMTPServerProtocol):
     """One LMTP session."""
 
     protocol_name = "LMTP"
+    offers_etrn = False
 
     def smtp_LHLO(self, arg):
         return self._helo(arg, True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from email.utils import formatdate
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
@@ -21,6 +21,7 @@ from mailbox_appliance.maillog import mail_event
 from mailbox_appliance.netaddr import networks_predicate
 from mailbox_appliance.queue.spool import Envelope
 from mailbox_appliance.smtp import address
+from mailbox_appliance.smtp.fixup import HeaderBlockTooLarge
 from mailbox_appliance.smtp.policy import Verdict, then
 from mailbox_appliance.smtp.session import SessionState
 
@@ -43,12 +44,17 @@ def _drop_all_but_cr(buf):
 
 
 class MessageView:
-    """What the end-of-data policy checks may see of a received message."""
+    """What the end-of-data policy checks may see of a received message.
 
-    def __init__(self, incoming, received_count, size):
+    ``from_values`` holds the raw values of the ``From:`` fields when the
+    listener collected them (submission), else None.
+    """
+
+    def __init__(self, incoming, received_count, size, from_values=None):
         self.incoming = incoming
         self.received_count = received_count
         self.size = size
+        self.from_values = from_values
 
     @property
     def qid(self):
@@ -60,6 +66,8 @@ class SMTPServerProtocol(Protocol):
 
     log = Logger()
     protocol_name = "ESMTP"
+    # ETRN (RFC 1985) belongs to the MX: it asks for the queue to be run.
+    offers_etrn = True
 
     def __init__(self, factory):
         self.factory = factory
@@ -74,17 +82,24 @@ class SMTPServerProtocol(Protocol):
         self._junk = 0
         self._timer = None
         self._deadline = None
-        self._tls_active = False
+        self._tls_active = factory.implicit_tls
         self._incoming = None
         self._disk_paused = False
+        # Set while a command waits for more lines of its own (the responses
+        # of an AUTH exchange): the next line goes to it, not to _dispatch.
+        self._continuation = None
+        self._too_long = None
+        self._filter = None
 
     # -- connection -------------------------------------------------------
 
     def connectionMade(self):
         t = self.transport
-        self._direct_send = all(hasattr(t, a) for a in
-                                ("socket", "TLS", "dataBuffer", "_tempDataBuffer", "connected",
-                                 "disconnecting"))
+        # Only a plain TCP connection: a wrapper (implicit TLS) forwards unknown
+        # attributes to the socket below it, which would bypass the encryption.
+        self._direct_send = isinstance(t, tcp.Connection) and all(
+            hasattr(t, a) for a in ("socket", "TLS", "dataBuffer", "_tempDataBuffer",
+                                    "connected", "disconnecting"))
         peer = self.transport.getPeer()
         self.session.client_ip = getattr(peer, "host", "")
         self.session.client_port = getattr(peer, "port", 0)
@@ -215,6 +230,10 @@ class SMTPServerProtocol(Protocol):
                 self.transport.resumeProducing()
         self._pump()
 
+    def _line_limit(self, buf):
+        """(octets allowed for the line starting ``buf``, CRLF included; reply if longer)."""
+        return MAX_COMMAND_LINE, (500, "5.5.2", "Error: line too long")
+
     def _process_command(self) -> bool:
         """Handle one command line from the buffer; False when more input is needed."""
         buf = self._buf
@@ -229,18 +248,25 @@ class SMTPServerProtocol(Protocol):
                 return False
             del buf[:i + 2]
             self._discarding = 0
-            self._reply(500, "5.5.2", "Error: line too long")
+            self._reply(*self._too_long)
             return True
+        limit, self._too_long = self._line_limit(buf)
         if i < 0:
-            if len(buf) >= MAX_COMMAND_LINE:
+            if len(buf) >= limit:
                 self._discarding = len(buf)
+                self._continuation = None
                 _drop_all_but_cr(buf)
             return False
         line = bytes(buf[:i])
         del buf[:i + 2]
         self._reset_timer()
-        if i + 2 > MAX_COMMAND_LINE:
-            self._reply(500, "5.5.2", "Error: line too long")
+        if i + 2 > limit:
+            self._continuation = None
+            self._reply(*self._too_long)
+            return True
+        if self._continuation is not None:
+            handler, self._continuation = self._continuation, None
+            self._await(handler(line))
             return True
         self._await(self._dispatch(line))
         return True
@@ -298,9 +324,11 @@ class SMTPServerProtocol(Protocol):
     def _ehlo_lines(self):
         f = self.factory
         lines = [f.hostname, "PIPELINING", f"SIZE {f.config.server.max_message_size}",
-                 "8BITMIME", "ENHANCEDSTATUSCODES"]
+                 "8BITMIME", "ENHANCEDSTATUSCODES", "DSN"]
         if f.tls_context is not None and not self._tls_active:
             lines.append("STARTTLS")
+        if self.offers_etrn and self.session.trusted:
+            lines.append("ETRN")
         return lines
 
     def _helo(self, arg, esmtp):
@@ -350,8 +378,55 @@ class SMTPServerProtocol(Protocol):
         self.session.helo = ""
         self.session.esmtp = False
         self.session.authenticated = ""
+        self.session.user = None
         self.session.reset_transaction()
         return None
+
+    def smtp_AUTH(self, arg):
+        # Only the submission ports take logins; the MX is for incoming mail.
+        self._junk_command()
+        return self._reply(503, "5.5.1", "Error: authentication not enabled")
+
+    def smtp_ETRN(self, arg):
+        """RFC 1985: run the queue for a domain, for relay_networks clients only."""
+        self._junk_command()
+        if not self.offers_etrn:
+            return self._reply(502, "5.5.1", "Error: command not implemented")
+        s = self.session
+        if not s.helo:
+            return self._reply(503, "5.5.1", "Error: send HELO/EHLO first")
+        if s.sender is not None:
+            return self._reply(503, "5.5.1", "Error: MAIL transaction in progress")
+        arg = arg.strip()
+        if not arg:
+            return self._reply(501, "5.5.4", "Syntax: ETRN domain")
+        try:
+            if arg.startswith("#"):
+                # A queue id (RFC 1985 5.3): asks for that one message.
+                if not re.match(r"^[0-9A-Za-z]{1,32}$", arg[1:]):
+                    raise address.AddressError(501, "5.5.4", "Bad queue id")
+                target = arg[1:]
+            elif arg.startswith("@"):
+                target = "@" + address.parse_domain(arg[1:])
+            else:
+                target = address.parse_domain(arg)
+        except address.AddressError:
+            return self._reply(501, "5.5.4", "Syntax: ETRN domain")
+        if not s.trusted:
+            return self._reply(459, "4.7.1", f"{arg}: client not authorised")
+        flush = getattr(self.factory.queue, "flush", None)
+        if flush is None:
+            return self._reply(458, "4.3.0", f"Unable to queue messages for node {arg}")
+
+        def started(count):
+            self.log.info("ETRN {arg} from [{ip}]: {count} messages", arg=arg,
+                          ip=s.client_ip, count=count)
+            self._reply(250, "2.0.0", f"Queuing for node {arg} started")
+
+        def failed(f):
+            self.log.failure("ETRN {arg} failed", f, arg=arg)
+            self._reply(458, "4.3.0", f"Unable to queue messages for node {arg}")
+        return defer.maybeDeferred(flush, target).addCallbacks(started, failed)
 
     def smtp_NOOP(self, arg):
         self._junk_command()
@@ -392,21 +467,24 @@ class SMTPServerProtocol(Protocol):
             if params and not s.esmtp:
                 raise address.AddressError(555, "5.5.4", "Parameters need EHLO")
             path = address.parse_path(path_text, sender=True)
-            body_8bit = self._mail_params(params)
+            body_8bit, ret, envid = self._mail_params(params)
         except address.AddressError as e:
             return self._reply(e.code, e.enhanced, e.text)
 
         def answered(verdict):
             if verdict is not None:
                 return self._reply_verdict(verdict)
+            s.reset_transaction()
             s.sender = path
-            s.recipients = []
             s.body_8bit = body_8bit
+            s.ret, s.envid = ret, envid
             self._reply(250, "2.1.0", "Ok")
         return then(self.factory.policy.run("mail", s, path), answered)
 
     def _mail_params(self, params):
+        """(BODY=8BITMIME given, RET, ENVID) of MAIL's parameters, checked."""
         body_8bit = False
+        ret = envid = ""
         for key, value in params.items():
             if key == "SIZE":
                 if value is None or not value.isdigit() or len(value) > 20:
@@ -417,9 +495,30 @@ class SMTPServerProtocol(Protocol):
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     raise address.AddressError(501, "5.5.4", "Bad BODY parameter")
                 body_8bit = value.upper() == "8BITMIME"
+            elif key == "RET":
+                ret = address.parse_ret(value)
+            elif key == "ENVID":
+                envid = address.parse_envid(value)
+            elif key == "AUTH":
+                # RFC 4954 5: checked for syntax, then ignored; a client's
+                # claim about who submitted the mail earlier is not trusted.
+                address.parse_auth_param(value)
             else:
                 raise address.AddressError(555, "5.5.4", f"Unsupported parameter {key}")
-        return body_8bit
+        return body_8bit, ret, envid
+
+    @staticmethod
+    def _rcpt_params(params):
+        """(NOTIFY, ORCPT) of RCPT's parameters, checked; "" when not given."""
+        notify = orcpt = ""
+        for key, value in params.items():
+            if key == "NOTIFY":
+                notify = address.parse_notify(value)
+            elif key == "ORCPT":
+                orcpt = address.parse_orcpt(value)
+            else:
+                raise address.AddressError(555, "5.5.4", f"Unsupported parameter {key}")
+        return notify, orcpt
 
     def smtp_RCPT(self, arg):
         s = self.session
@@ -430,10 +529,10 @@ class SMTPServerProtocol(Protocol):
         try:
             path_text, params = address.split_path_and_params(arg, "TO")
             params = address.parse_params(params)
-            if params:
-                raise address.AddressError(555, "5.5.4",
-                                           f"Unsupported parameter {next(iter(params))}")
+            if params and not s.esmtp:
+                raise address.AddressError(555, "5.5.4", "Parameters need EHLO")
             path = address.parse_path(path_text, sender=False)
+            notify, orcpt = self._rcpt_params(params)
         except address.AddressError as e:
             return self._reply(e.code, e.enhanced, e.text)
         if not path.domain and not path.has_routing and path.local.lower() == "postmaster":
@@ -444,6 +543,8 @@ class SMTPServerProtocol(Protocol):
             if verdict is not None:
                 return self._reply_verdict(verdict)
             s.recipients.append(path)
+            s.notify.append(notify)
+            s.orcpt.append(orcpt)
             self._reply(250, "2.1.5", "Ok")
         return then(self.factory.policy.run("rcpt", s, path), answered)
 
@@ -473,10 +574,15 @@ class SMTPServerProtocol(Protocol):
         s = self.session
         env = Envelope(sender=s.sender.address, recipients=[r.address for r in s.recipients],
                        arrival=self.reactor.seconds(), client_ip=s.client_ip, helo=s.helo,
-                       protocol=self._with_protocol(), auth=s.authenticated)
+                       protocol=self._with_protocol(), auth=s.authenticated,
+                       ret=s.ret, envid=s.envid,
+                       # Lists only when some recipient asked for something.
+                       notify=list(s.notify) if any(s.notify) else [],
+                       orcpt=list(s.orcpt) if any(s.orcpt) else [])
         self._incoming = inc = self.factory.spool.new_message(env)
         inc.write_header()
         inc.write(self._received_header(inc.qid).encode("ascii", "replace"))
+        self._filter = self._message_filter(inc.qid)
         self._mode = DATA
         self._reset_timer()
         self._data_error = None
@@ -484,6 +590,10 @@ class SMTPServerProtocol(Protocol):
         self._mid_line = False
         self._received_count = 0
         self._body_size = 0
+
+    def _message_filter(self, qid):
+        """An object rewriting the message as it arrives (feed/finish), or None."""
+        return None
 
     def _with_protocol(self):
         p = self.protocol_name if self.session.esmtp else "SMTP"
@@ -502,10 +612,16 @@ class SMTPServerProtocol(Protocol):
         except Exception:
             return " (using TLS)"
 
+    def _received_comment(self):
+        """An extra comment line of our Received: field ("" for none)."""
+        return ""
+
     def _received_header(self, qid):
         s = self.session
         rcpt = f"\r\n\tfor <{s.recipients[0].address}>" if len(s.recipients) == 1 else ""
-        return (f"Received: from {s.helo} ([{s.client_ip}]){self._tls_description()}\r\n"
+        comment = self._received_comment()
+        comment = f"\r\n\t{comment}" if comment else ""
+        return (f"Received: from {s.helo} ([{s.client_ip}]){self._tls_description()}{comment}\r\n"
                 f"\tby {self.factory.hostname} (mailbox_appliance) with {self._with_protocol()}"
                 f" id {qid}{rcpt};\r\n\t{formatdate(self.reactor.seconds(), localtime=True)}\r\n")
 
@@ -587,19 +703,35 @@ class SMTPServerProtocol(Protocol):
         if self._body_size > self.factory.config.server.max_message_size:
             self._flag(552, "5.3.4", "Error: message size exceeds fixed limit")
         if self._data_error is None:
-            self._incoming.write(chunk)
+            if self._filter is not None:
+                chunk = self._filter_chunk(self._filter.feed, chunk)
+            if chunk:
+                self._incoming.write(chunk)
+
+    def _filter_chunk(self, step, chunk):
+        try:
+            return step(chunk)
+        except HeaderBlockTooLarge:
+            self._flag(552, "5.3.4", "Error: message header size exceeds limit")
+            return b""
 
     def _end_of_data(self):
         self._mode = CMD
         self._reset_timer()
         inc, self._incoming = self._incoming, None
+        fixup, self._filter = self._filter, None
         s = self.session
+        if fixup is not None and self._data_error is None:
+            tail = self._filter_chunk(lambda _: fixup.finish(), b"")
+            if tail and self._data_error is None:
+                inc.write(tail)
         if self._data_error is not None:
             inc.abort()
             self._answer_transaction(*self._data_error)
             s.reset_transaction()
             return
-        view = MessageView(inc, self._received_count, self._body_size)
+        view = MessageView(inc, self._received_count, self._body_size,
+                           getattr(fixup, "from_values", None))
 
         def judged(verdict):
             if verdict is not None:
@@ -651,6 +783,8 @@ class SMTPServerFactory(Factory):
     protocol = SMTPServerProtocol
     listener = "smtp"
     noisy = False
+    # True when the listener wraps every connection in TLS (port 465 style).
+    implicit_tls = False
 
     def __init__(self, reactor, config, policy, spool, queue, tls_context=None):
         self.reactor = reactor

@@ -16,10 +16,17 @@ class SessionState:
     helo: str = ""
     esmtp: bool = False
     tls: str = ""                   # "TLSv1.3 TLS_AES_256_GCM_SHA384" once encrypted
-    authenticated: str = ""         # login name once AUTH succeeded
+    authenticated: str = ""         # the user's uid once AUTH succeeded
+    user: object = None             # the directory's User once AUTH succeeded
     sender: object = None           # address.Path
     recipients: list = field(default_factory=list)   # address.Path
     body_8bit: bool = False
+    # DSN (RFC 3461) of the transaction: RET and ENVID of MAIL, and per
+    # recipient (aligned with ``recipients``) NOTIFY and ORCPT, "" if not given.
+    ret: str = ""
+    envid: str = ""
+    notify: list = field(default_factory=list)
+    orcpt: list = field(default_factory=list)
 
     @property
     def may_relay(self) -> bool:
@@ -29,3 +36,6 @@ class SessionState:
         self.sender = None
         self.recipients = []
         self.body_8bit = False
+        self.ret = self.envid = ""
+        self.notify = []
+        self.orcpt = []
