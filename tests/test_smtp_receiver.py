@@ -597,3 +597,80 @@ class DuplicateTargetTests(ApplianceMixin, unittest.TestCase):
         self.assertEqual(len(self.delivered("alice")), 1)
         self.assertEqual(len(self.delivered("bob")), 1)
         self.assertEqual(self.queue_files(), [])
+
+
+class FlushRecorder:
+    """A queue whose flush (ETRN) is recorded; ``answer`` is what flush gives back."""
+
+    def __init__(self, answer=0, later=False):
+        self.calls = []
+        self.answer = answer
+        self.later = later
+
+    def flush(self, target=None):
+        self.calls.append(target)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return defer.succeed(self.answer) if self.later else self.answer
+
+
+class ETRNTests(ApplianceMixin, unittest.TestCase):
+    """RFC 1985 on the MX: relay_networks clients may ask for the queue to run."""
+
+    def setUp(self):
+        return self.start_appliance(lmtp=True)
+
+    def trust(self):
+        factory = self.app.listeners["smtp"].factory
+        factory.is_trusted = networks_predicate([ipaddress.ip_network("127.0.0.0/8")])
+
+    def use_queue(self, queue):
+        self.app.listeners["smtp"].factory.queue = queue
+        return queue
+
+    def dialogue(self, *commands, port=None, hello="EHLO client.ext.test"):
+        c = RawClient(port or self.port)
+        c.code()
+        ehlo = c.cmd(hello) if hello else None
+        return ehlo, [c.cmd(x) for x in commands]
+
+    @defer.inlineCallbacks
+    def test_untrusted_refused(self):
+        queue = self.use_queue(FlushRecorder())
+        ehlo, r = yield self.in_thread(self.dialogue, "ETRN example.org", "ETRN")
+        self.assertNotIn("ETRN", ehlo[1])
+        self.assertEqual(r[0], (459, ["4.7.1 example.org: client not authorised"]))
+        self.assertEqual(r[1], (501, ["5.5.4 Syntax: ETRN domain"]))
+        self.assertEqual(queue.calls, [])
+
+    @defer.inlineCallbacks
+    def test_trusted_flushes(self):
+        self.trust()
+        queue = self.use_queue(FlushRecorder(answer=3, later=True))
+        ehlo, r = yield self.in_thread(
+            self.dialogue, "ETRN Example.ORG", "ETRN @sub.example.org", "ETRN #0123ABCDEF",
+            "ETRN", "ETRN bad..domain", "ETRN [127.0.0.1]", "ETRN #../x")
+        self.assertIn("ETRN", ehlo[1])
+        self.assertEqual(r[0], (250, ["2.0.0 Queuing for node Example.ORG started"]))
+        self.assertEqual([x[0] for x in r[1:]], [250, 250, 501, 501, 501, 501])
+        self.assertEqual(queue.calls, ["example.org", "@sub.example.org", "0123ABCDEF"])
+
+    @defer.inlineCallbacks
+    def test_order_and_queue_trouble(self):
+        self.trust()
+        self.use_queue(object())            # a queue without flush yet
+        _, r = yield self.in_thread(lambda: self.dialogue("ETRN example.org", hello=None))
+        self.assertEqual(r[0][0], 503)      # HELO/EHLO first
+        _, r = yield self.in_thread(self.dialogue, "ETRN example.org", "MAIL FROM:<a@ext.test>",
+                                    "ETRN example.org")
+        self.assertEqual([x[0] for x in r], [458, 250, 503])
+        self.use_queue(FlushRecorder(answer=RuntimeError("boom")))
+        _, r = yield self.in_thread(self.dialogue, "ETRN example.org")
+        self.assertEqual(r[0], (458, ["4.3.0 Unable to queue messages for node example.org"]))
+        self.flushLoggedErrors(RuntimeError)
+
+    @defer.inlineCallbacks
+    def test_not_on_lmtp(self):
+        _, r = yield self.in_thread(lambda: self.dialogue(
+            "ETRN example.org", port=self.lmtp_port, hello="LHLO client.ext.test"))
+        self.assertEqual(r[0][0], 502)

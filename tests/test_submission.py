@@ -244,9 +244,11 @@ class TLSAndAuthTests(SubmissionMixin, unittest.TestCase):
             out.append(c.login())
             c.cmd("MAIL FROM:<alice@example.test>")
             out.append(c.cmd("AUTH PLAIN " + plain("bob", "secret")))   # in a transaction
+            c.cmd("RSET")
+            out.append(c.cmd("ETRN example.org"))                       # the MX's business
             return out
         out = yield self.in_thread(talk)
-        self.assertEqual([r[0] for r in out], [503, 501, 501, 235, 503])
+        self.assertEqual([r[0] for r in out], [503, 501, 501, 235, 503, 502])
 
     @defer.inlineCallbacks
     def test_bad_credentials_and_directory_down(self):

@@ -26,6 +26,11 @@ from mailbox_appliance.smtp.policy import Verdict, then
 from mailbox_appliance.smtp.session import SessionState
 
 MAX_COMMAND_LINE = 512          # octets including CRLF (RFC 5321 4.5.3.1.4)
+# Extensions lengthen MAIL and RCPT (RFC 5321 4.5.3.1.4): RFC 3461 4 by 110
+# (ENVID, RET) and 500 (NOTIFY, ORCPT), RFC 4954 5 by 500 (AUTH=).
+MAIL_PARAMS_EXTRA = 110 + 500
+RCPT_PARAMS_EXTRA = 500
+_TOO_LONG = (500, "5.5.2", "Error: line too long")
 MAX_TEXT_LINE = 1000            # octets including CRLF (RFC 5321 4.5.3.1.6)
 MAX_JUNK_LINE = 65536           # past this an unterminated command line ends the session
 MAX_PENDING_INPUT = 65536       # stop reading while this much waits behind a slow command
@@ -232,7 +237,12 @@ class SMTPServerProtocol(Protocol):
 
     def _line_limit(self, buf):
         """(octets allowed for the line starting ``buf``, CRLF included; reply if longer)."""
-        return MAX_COMMAND_LINE, (500, "5.5.2", "Error: line too long")
+        verb = bytes(buf[:5]).upper()
+        if verb == b"MAIL ":
+            return MAX_COMMAND_LINE + MAIL_PARAMS_EXTRA, _TOO_LONG
+        if verb == b"RCPT ":
+            return MAX_COMMAND_LINE + RCPT_PARAMS_EXTRA, _TOO_LONG
+        return MAX_COMMAND_LINE, _TOO_LONG
 
     def _process_command(self) -> bool:
         """Handle one command line from the buffer; False when more input is needed."""
