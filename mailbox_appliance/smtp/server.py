@@ -1,4 +1,4 @@
-"""The ESMTP receiver (RFC 5321) used on the MX port.
+"""The ESMTP receiver (RFC 5321) of the MX port, and the base of the other SMTP listeners.
 
 Written on a bare ``Protocol`` rather than ``twisted.mail.smtp.ESMTP`` because
 the receiver must own its framing: CRLF-only line ends with bare CR/LF refused
@@ -6,6 +6,14 @@ the receiver must own its framing: CRLF-only line ends with bare CR/LF refused
 pipelined commands answered strictly in order while directory lookups run, and
 message bodies handled a chunk of many lines at a time instead of one Python
 call per line. Decisions are left to the policy chain; storage to the spool.
+
+The MX uses it as it is; submission (``smtp.submission``) and LMTP
+(``smtp.lmtp``) subclass it through a few hooks: ``_line_limit`` (AUTH lines
+are longer), ``_continuation`` (the next line belongs to a command, as in a
+SASL exchange), ``_message_filter`` (fix-ups while the message arrives),
+``_received_comment`` and ``_answer_transaction``/``_accepted``. DSN
+parameters (RFC 3461) are taken on every listener and kept in the envelope;
+ETRN (RFC 1985) only on the MX, for relay_networks clients.
 """
 
 from __future__ import annotations
