@@ -252,6 +252,15 @@ class SendCommandTests(unittest.TestCase):
         self.assertRaises(ControlUnavailable, send_command,
                           os.path.join(d, "nowhere", "control.sock"), "flush")
 
+    def test_long_paths_without_a_socket(self):
+        deep = os.path.abspath(os.path.join(self.mktemp(), "d" * 60, "e" * 60))
+        os.makedirs(deep)
+        link = os.path.join(deep, "control.sock")
+        self.assertRaises(ControlUnavailable, send_command, link, "flush")
+        # The appliance was killed and its private folder is gone.
+        os.symlink(os.path.join(short_dir(self), "gone", "control.sock"), link)
+        self.assertRaises(ControlUnavailable, send_command, link, "flush")
+
     def test_stale_socket_file(self):
         path = os.path.join(short_dir(self), "control.sock")
         s = socket.socket(socket.AF_UNIX)

@@ -184,6 +184,8 @@ def send_command(path, op, target=None, timeout=60.0) -> dict:
     """
     if op not in OPS:
         raise ValueError("unknown op: " + repr(op))
+    if not os.path.lexists(path):
+        raise ControlUnavailable(f"nothing listens on {path}")
     address = path
     if len(os.fsencode(address)) >= _MAX_SUN_PATH:
         # A deep data_dir: the appliance put the socket elsewhere and left
