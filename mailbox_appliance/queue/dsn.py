@@ -190,7 +190,9 @@ def _explanation(hostname, envelope, recipients, now, postmaster_copy):
 def _recipient_paragraph(r):
     who = "<" + clean(r.address, MAX_ADDRESS) + ">"
     reason = clean(r.diagnostic, MAX_DIAGNOSTIC)
-    if r.action == "failed":
+    if r.remote_mta and r.action in ("failed", "delayed"):
+        text = who + ": host " + clean(r.remote_mta) + " said: " + (reason or _status(r))
+    elif r.action == "failed":
         text = who + ": " + (reason or "delivery failed (" + _status(r) + ")")
     elif r.action == "delayed":
         text = who + ": delivery temporarily suspended: " + (reason or _status(r))
@@ -202,8 +204,6 @@ def _recipient_paragraph(r):
     else:
         text = who + ": delivery via " + (clean(r.remote_mta) or "this system") + \
             ": " + (reason or "delivered")
-    if r.remote_mta and r.action in ("failed", "delayed"):
-        text = who + ": host " + clean(r.remote_mta) + " said: " + (reason or _status(r))
     return _wrap(text)
 
 
