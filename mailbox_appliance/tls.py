@@ -2,6 +2,9 @@
 
 The generated pair lives in ``data_dir/tls/`` and is reused across restarts, so
 clients that pinned it keep working. Server contexts allow TLS 1.2 and newer only.
+
+Outbound SMTP uses :class:`ClientTLS`: an unverified (opportunistic) or a
+verified connection creator per remote host name.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from zope.interface import implementer
 
 from mailbox_appliance import durable
 
@@ -126,3 +132,59 @@ def server_context_factory(config):
         # No session cache: one less piece of state shared between clients.
         enableSessions=False,
     ), cert_path
+
+
+def load_trust_root(ca_file: str):
+    """A Twisted trust root of every certificate in the PEM bundle ``ca_file``."""
+    with open(ca_file, "rb") as f:
+        certs = x509.load_pem_x509_certificates(f.read())
+    return ssl.trustRootFromCertificates(
+        [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in certs])
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UnverifiedClientTLS:
+    """Encrypts without checking the server's certificate (opportunistic TLS).
+
+    It still sends the host name (SNI), so a server with several
+    certificates shows the one meant for that name.
+    """
+
+    def __init__(self, options, hostname: str):
+        self._options = options
+        self._sni = None
+        if hostname and not (isIPAddress(hostname) or isIPv6Address(hostname)):
+            try:
+                self._sni = hostname.encode("idna")
+            except UnicodeError:
+                self._sni = None
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        connection = SSL.Connection(self._options.getContext(), None)
+        if self._sni:
+            connection.set_tlsext_host_name(self._sni)
+        return connection
+
+
+class ClientTLS:
+    """Client TLS connection creators for outbound SMTP.
+
+    ``creator(hostname, verify)``: with ``verify`` the server must show a
+    certificate valid for ``hostname`` (checked with service-identity) that
+    chains to ``ca_file``'s certificates, or to the system's when it is
+    empty; without, any certificate will do, and TLS 1.0 is still accepted:
+    encryption that any server offers beats plain text (Postfix's
+    opportunistic default).
+    """
+
+    def __init__(self, ca_file: str = ""):
+        # The bundle is read once, at start-up, never on the reactor later.
+        self._trust = load_trust_root(ca_file) if ca_file else None
+        self._unverified = ssl.CertificateOptions(
+            insecurelyLowerMinimumTo=ssl.TLSVersion.TLSv1_0, enableSessions=False)
+
+    def creator(self, hostname: str, verify: bool):
+        if not verify:
+            return _UnverifiedClientTLS(self._unverified, hostname)
+        trust = self._trust if self._trust is not None else ssl.platformTrust()
+        return ssl.optionsForClientTLS(hostname, trustRoot=trust)
