@@ -40,6 +40,7 @@ class SinkScript:
     extensions: tuple = ("PIPELINING", "8BITMIME", "SIZE 10485760", "ENHANCEDSTATUSCODES")
     starttls: object = None                 # server CertificateOptions: offer STARTTLS
     starttls_reply: bytes = b"220 2.0.0 Ready to start TLS\r\n"
+    tls_broken: bool = False                # answer 220 to STARTTLS, then plain junk
     dsn: bool = False
     auth: dict | None = None                # user -> password: offer AUTH PLAIN
     auth_before_tls: bool = False           # also offer AUTH outside TLS
@@ -137,6 +138,7 @@ class _SinkProtocol(protocol.Protocol):
                                          self.transport.getPeer().port))
         self.sink.connections.append(self.conn)
         self.sink.protocols.append(self)
+        self.sink.max_open = max(self.sink.max_open, len(self.sink.protocols))
         self.sink.changed()
         if self.script.flood and self.script.flood_at == "greeting":
             self.flood()
@@ -210,6 +212,10 @@ class _SinkProtocol(protocol.Protocol):
         if self.stage("starttls"):
             return
         self.transport.write(self.script.starttls_reply)
+        if self.script.tls_broken:
+            self.transport.write(b"this is no TLS handshake\r\n" * 20)
+            self.transport.loseConnection()
+            return
         # What the client sent after STARTTLS in plain text is dropped
         # (RFC 3207 4.2 behaviour of a careful server).
         self.buffer = b""
@@ -343,6 +349,7 @@ class Sink(protocol.Factory):
         self.transactions = []
         self.protocols = []
         self.held = []                  # (protocol, transaction, reply) kept by hold=
+        self.max_open = 0               # most connections open at once
         self.port = None
         self.listening = []
         self._watchers = []
