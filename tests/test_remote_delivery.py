@@ -525,6 +525,23 @@ class LimitTests(RemoteTestBase):
         self.assertEqual(sink.max_open, 1)
 
 
+class CloseTests(RemoteTestBase):
+
+    @defer.inlineCallbacks
+    def test_close_ends_deliveries_in_progress_and_waiting(self):
+        remote = yield self.start([{"hold": "eod"}], delivery={"max_per_domain": 1})
+        d1 = remote.deliver(message("Q1"), "one.test", rcpts("a@one.test"))
+        d2 = remote.deliver(message("Q2"), "one.test", rcpts("b@one.test"))
+        yield wait(self.sinks[0], lambda s: len(s.held) == 1)
+        yield remote.close()
+        r1, r2 = yield defer.gatherResults([d1, d2])
+        self.assertEqual(r1[0].status, DEFERRED)
+        self.assertEqual((r2[0].status, r2[0].enhanced), (DEFERRED, "4.3.2"))
+        r3 = yield remote.deliver(message("Q3"), "one.test", rcpts("c@one.test"))
+        self.assertEqual(r3[0].status, DEFERRED)
+        self.assertEqual(len(self.sinks[0].connections), 1)
+
+
 class DeadDestinationTests(RemoteTestBase):
 
     @defer.inlineCallbacks

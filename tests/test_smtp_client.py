@@ -605,6 +605,12 @@ class SessionSendTests(unittest.TestCase):
         w.reply(b"250 ok\r\n")
         self.assertEqual(self.successResultOf(d).results[0].status, SENT)
 
+    def test_null_sender(self):
+        # Delivery status notices go out with MAIL FROM:<>.
+        w, s = self.opened(b"250-mx\r\n250 PIPELINING\r\n")
+        s.send(message(sender=""), rcpts("a@ext.test"))
+        self.assertEqual(w.sent()[0], "MAIL FROM:<>")
+
     def test_quit(self):
         w, s = self.opened()
         closed = s.quit()

@@ -188,8 +188,14 @@ class RemoteDelivery:
             self._dead.pop(self._key(domain.lower()), None)
 
     def close(self):
-        """Close every connection (idle ones and those in use); fires when all are down."""
+        """Close every connection (idle ones and those in use); fires when all are down.
+
+        Deliveries in progress or waiting for a slot end as deferred.
+        """
         self._closed = True
+        for slots in [self._connections] + list(self._domains.values()):
+            for d in list(slots.waiters):
+                d.cancel()
         self._pool.close_all()
         waits = []
         for session in list(self._sessions):
@@ -235,7 +241,11 @@ class RemoteDelivery:
         slots = self._domains.get(domain)
         if slots is None:
             slots = self._domains[domain] = _Slots(self.max_per_domain)
-        yield slots.acquire()
+        try:
+            yield slots.acquire()
+        except defer.CancelledError:
+            result = RecipientResult(DEFERRED, "4.3.2", "4.3.2 shutting down")
+            return {r.idx: result for r in recipients}
         try:
             # Found dead by a delivery this one waited behind?
             dead = self._dead_result(key)
@@ -362,10 +372,15 @@ class RemoteDelivery:
     @defer.inlineCallbacks
     def _open(self, host, address, port, level):
         """A new session that greeted, said EHLO and did TLS/AUTH as required."""
+        if self._closed:
+            raise SessionError("4.3.2", "4.3.2 shutting down")
         if self._connections.used >= self._connections.limit:
             # An idle connection makes room for a delivery that waits.
             self._pool.evict_oldest()
-        yield self._connections.acquire()
+        try:
+            yield self._connections.acquire()
+        except defer.CancelledError:
+            raise SessionError("4.3.2", "4.3.2 shutting down")
         try:
             session = yield smtp_client.connect(self.reactor, self.settings, host.name,
                                                 address, port)
