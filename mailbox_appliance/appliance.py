@@ -8,6 +8,8 @@ configuration and handed what they need (reactor, config, collaborators).
 from __future__ import annotations
 
 import os
+import socket
+import tempfile
 
 from twisted.application import internet, service
 from twisted.internet import defer, endpoints
@@ -59,6 +61,52 @@ class _Listener(internet.StreamServerEndpointService):
             raise ListenerError(self.listener_name, self.description, reason) from e
 
 
+def _control_socket(data_dir):
+    """Where the control socket listens; ``data_dir/control.sock`` names it.
+
+    A UNIX socket path is limited to about 100 octets. A deeper data_dir
+    gets its socket in a private folder of the system's temporary space,
+    and ``control.sock`` becomes a symbolic link to it (the admin command
+    connects to the link's target).
+    """
+    link = os.path.join(data_dir, "control.sock")
+    if os.path.islink(link) or os.path.exists(link):
+        target = os.path.realpath(link)
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(target)
+        except OSError:
+            pass                # left by a process that is gone
+        else:
+            probe.close()
+            raise ListenerError("control", link, "another appliance is running on this "
+                                                 "data_dir")
+        finally:
+            probe.close()
+        _remove_control_socket(link)
+    if len(link.encode()) < 100:
+        return link
+    folder = tempfile.mkdtemp(prefix="mailappliance-")
+    target = os.path.join(folder, "control.sock")
+    os.symlink(target, link)
+    return target
+
+
+def _remove_control_socket(link):
+    target = os.path.realpath(link)
+    for p in {target, link}:
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
+    folder = os.path.dirname(target)
+    if target != link and os.path.basename(folder).startswith("mailappliance-"):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+
+
 class Appliance(service.MultiService):
     """Every service of one mail appliance, built from one Config."""
 
@@ -95,14 +143,16 @@ class Appliance(service.MultiService):
                                               config.server.hostname,
                                               worker=self.delivery_worker,
                                               on_delivered=self.store.notify_delivered)
-        # Two deliveries at a time, as Postfix's local(8) default: local
-        # deliveries share one disk thread anyway, and receiving mail keeps
-        # the reactor's attention under load; the backlog drains right after.
+        from mailbox_appliance.delivery.remote import RemoteDelivery
+        from mailbox_appliance.dns import make_resolver
+        self.resolver = make_resolver(reactor, config)
+        self.remote_delivery = RemoteDelivery(reactor, config, resolver=self.resolver)
         self.queue = QueueManager(reactor, config, self.spool, self.router, self.local_delivery,
-                                  concurrency=2)
+                                  remote_agent=self.remote_delivery)
         self.queue.setServiceParent(self)
 
         self.listeners = {}
+        self._control(config)
         self._receivers(config, directory, domains)
         self._readers(config, directory)
 
@@ -169,6 +219,13 @@ class Appliance(service.MultiService):
                     max_user_ip_connections=config.imap.max_user_ip_connections)
                 self._listen(name, description, factory, implicit_tls=implicit)
 
+    def _control(self, config):
+        """The admin command's socket: queue flush/hold/release/delete on the live queue."""
+        from mailbox_appliance.queue.control import ControlServer
+        path = _control_socket(config.server.data_dir)
+        self._listen("control", f"unix:{path.replace(':', chr(92) + ':')}:mode=600",
+                     ControlServer(self.queue, reactor=self.reactor))
+
     def startService(self):
         self.receive_worker.start()
         self.delivery_worker.start()
@@ -176,6 +233,9 @@ class Appliance(service.MultiService):
 
     def stopService(self):
         def workers_down(result):
+            if "control" in self.listeners:
+                _remove_control_socket(os.path.join(self.config.server.data_dir,
+                                                    "control.sock"))
             self.receive_worker.stop()
             self.delivery_worker.stop()
             return result
