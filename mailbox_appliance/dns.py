@@ -2,16 +2,21 @@
 
 Lookups never block the reactor. ``[dns] servers`` lists the name servers to
 ask ("127.0.0.1:5353", "[::1]:53", or a bare address for port 53); empty means
-the system's ``/etc/resolv.conf`` and ``/etc/hosts``, as
-``twisted.names.client.createResolver`` reads them. ``[dns] timeout`` bounds one
-lookup, its retries included.
+the name servers of the system's ``/etc/resolv.conf``, read once at start-up
+(twisted.names would re-read it on a timer forever, a timer nothing could
+stop). Only DNS is asked, not ``/etc/hosts`` (as Postfix's
+``smtp_host_lookup = dns``): mail routing follows MX records, and the hosts
+file would be read from disk on the reactor thread at every lookup.
+``[dns] timeout`` bounds one lookup, its retries included.
 """
 
 from __future__ import annotations
 
 import ipaddress
 
-from twisted.names import client, hosts, resolve
+from twisted.names import client
+
+RESOLV_CONF = "/etc/resolv.conf"
 
 
 def parse_server(text: str) -> tuple[str, int]:
@@ -55,7 +60,28 @@ def retry_timeouts(total: int) -> tuple:
     return (first, second, total - first - second)
 
 
-def make_resolver(reactor, config):
+def system_servers(path=RESOLV_CONF) -> list:
+    """The ``nameserver`` entries of resolv.conf; 127.0.0.1 when it names none
+    (the resolver library's own default)."""
+    servers = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver":
+            host = words[1].split("%", 1)[0]       # fe80::1%eth0: no scope ids
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                continue
+            servers.append((host, 53))
+    return servers or [("127.0.0.1", 53)]
+
+
+def make_resolver(reactor, config, resolv_conf=RESOLV_CONF):
     """A twisted.names IResolver for ``config.dns``."""
     servers = []
     for text in config.dns.servers:
@@ -64,14 +90,8 @@ def make_resolver(reactor, config):
         except ValueError:
             raise ValueError(f"[dns] servers: expected \"address:port\" entries with an IP "
                              f"address, got {text!r}") from None
-    if servers:
-        # Each interval is spent once per server, so the budget is shared.
-        timeout = retry_timeouts(config.dns.timeout // len(servers))
-        return client.Resolver(servers=servers, timeout=timeout, reactor=reactor)
-    timeout = retry_timeouts(config.dns.timeout)
-    # What createResolver builds on POSIX, with our timeout: /etc/hosts first,
-    # then the servers of resolv.conf (re-read when the file changes).
-    return resolve.ResolverChain([
-        hosts.Resolver(b"/etc/hosts"),
-        client.Resolver(resolv=b"/etc/resolv.conf", timeout=timeout, reactor=reactor),
-    ])
+    if not servers:
+        servers = system_servers(resolv_conf)
+    # Each interval is spent once per server, so the budget is shared.
+    timeout = retry_timeouts(config.dns.timeout // len(servers))
+    return client.Resolver(servers=servers, timeout=timeout, reactor=reactor)

@@ -8,7 +8,7 @@ import random
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.names import client, resolve
+from twisted.names import client
 from twisted.trial import unittest
 
 from mailbox_appliance import config, dns
@@ -284,11 +284,21 @@ class MakeResolverTests(unittest.TestCase):
         self.assertIn("[dns] servers", str(e.exception))
 
     def test_system_resolver(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("# comment\nsearch example.test\nnameserver 192.0.2.53\n"
+                    "nameserver fe80::1%eth0\nnameserver not-an-ip\noptions ndots:1\n")
         clock = Clock()
-        r = dns.make_resolver(clock, config.Config(dns=config.DNSConfig(timeout=10)))
-        self.assertIsInstance(r, resolve.ResolverChain)
-        system = r.resolvers[-1]
-        self.assertEqual(sum(system.timeout), 10)
-        # It re-reads resolv.conf on the injected reactor's timer.
-        for call in clock.getDelayedCalls():
-            call.cancel()
+        r = dns.make_resolver(clock, config.Config(dns=config.DNSConfig(timeout=10)),
+                              resolv_conf=path)
+        self.assertEqual(r.servers, [("192.0.2.53", 53), ("fe80::1", 53)])
+        self.assertEqual(sum(r.timeout), 5)
+        # Read once: no timer left behind to re-read it.
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_system_resolver_without_servers(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("search example.test\n")
+        self.assertEqual(dns.system_servers(path), [("127.0.0.1", 53)])
+        self.assertEqual(dns.system_servers(path + ".missing"), [("127.0.0.1", 53)])
