@@ -91,12 +91,12 @@ def write_config(tmpdir, extra="", domains=("example.test",), lmtp=False, listen
             {chr(10).join(f'{n} = "tcp:0:interface=127.0.0.1"' for n in listeners)}
             [directory]
             ldif = "directory.ldif"
-            [delivery]
-            retry_schedule = ["1h"]
             [dns]
             # Nobody answers here: remote mail waits in the queue.
             servers = ["127.0.0.1:{_quiet_port()}"]
             timeout = 2
+            [delivery]
+            retry_schedule = ["1h"]
             """) + extra)
     return path
 

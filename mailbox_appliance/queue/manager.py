@@ -117,7 +117,12 @@ class QueueManager(Service):
             for qmsg in lane.waiting:
                 self._inflight.discard(qmsg.qid)
             lane.waiting.clear()
-        # Let attempts in flight finish their disk work before the pools stop.
+        # Remote deliveries in flight end as deferred (they are tried again
+        # after the restart); then let attempts finish their disk work
+        # before the pools stop.
+        close = getattr(self.remote_agent, "close", None)
+        if close is not None:
+            close()
         return self.when_idle()
 
     # -- scheduling -----------------------------------------------------------

@@ -148,7 +148,7 @@ class ApplianceProcess:
         d = os.path.join(self.data_dir, "queue", "active")
         if not os.path.isdir(d):
             return []
-        return sorted(n for n in os.listdir(d) if not n.endswith(".done"))
+        return sorted(n for n in os.listdir(d) if "." not in n)
 
     def wait_for(self, predicate, timeout=20, what="condition"):
         deadline = time.monotonic() + timeout
