@@ -149,7 +149,7 @@ class SubmissionConfig:
     from_header_match: bool = True
     # Name the authenticated user in a comment of the Received: header.
     authenticated_header: bool = False
-    # Failed AUTH attempts per client address in one minute, then 421.
+    # Failed AUTH attempts per client address in one minute, then 421 (0: no cap).
     max_auth_failures_per_minute: int = 10
 
 
@@ -362,9 +362,13 @@ def _validate(cfg: Config) -> None:
                               f"{d.ldif} does not load: {problem}")
     if d.cache_ttl < 0:
         raise ConfigError(f"{p}: [directory] cache_ttl: expected seconds >= 0")
+    from mailbox_appliance.dns import parse_server
     for server in cfg.dns.servers:
-        if not re.match(r"^[\w.:\[\]-]+$", server):
-            raise ConfigError(f"{p}: [dns] servers: expected \"host:port\" entries, got {server!r}")
+        try:
+            parse_server(server)
+        except ValueError:
+            raise ConfigError(f"{p}: [dns] servers: expected \"ip:port\" entries (an address, "
+                              f"not a name), got {server!r}")
     dl = cfg.delivery
     if not 0 < dl.smtp_port <= 65535:
         raise ConfigError(f"{p}: [delivery] smtp_port: expected a port in 1-65535, "
@@ -409,7 +413,12 @@ def _validate(cfg: Config) -> None:
     positive += [("delivery", k) for k in (
         "max_connections", "max_per_domain", "connect_timeout", "command_timeout",
         "data_timeout", "connection_max_messages", "concurrency", "retry_concurrency")]
-    positive += [("submission", "max_auth_failures_per_minute"), ("dns", "timeout")]
+    positive += [("dns", "timeout")]
+    if cfg.submission.max_auth_failures_per_minute < 0:
+        raise ConfigError(f"{p}: [submission] max_auth_failures_per_minute: expected a number "
+                          f">= 0 (0 turns the cap off)")
+    if dl.connection_idle < 0:
+        raise ConfigError(f"{p}: [delivery] connection_idle: expected seconds >= 0")
     for section, name in positive:
         values = getattr(cfg, section)
         for f in [f for f in dataclasses.fields(values) if f.name == name]:

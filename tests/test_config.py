@@ -353,7 +353,54 @@ class ErrorTests(_ConfigDir, unittest.TestCase):
 
     def test_bad_dns_servers(self):
         self.assertBad(LDIF + '[dns]\nservers = ["1.2.3.4 53"]\n', "[dns] servers",
-                       'expected "host:port"')
+                       'expected "ip:port"')
+        # A name server cannot be found by name.
+        self.assertBad(LDIF + '[dns]\nservers = ["ns.example.test:53"]\n', "[dns] servers",
+                       "not a name")
+        self.assertBad(LDIF + '[dns]\nservers = ["127.0.0.1:70000"]\n', "[dns] servers")
+        cfg = self.load(LDIF + '[dns]\nservers = ["[::1]:5353", "192.0.2.1"]\ntimeout = 3\n')
+        self.assertEqual(cfg.dns.servers, ("[::1]:5353", "192.0.2.1"))
+
+    def test_outbound_and_submission_keys(self):
+        cfg = self.load(LDIF + textwrap.dedent('''\
+            [delivery]
+            smarthost = "relay.example.test:587"
+            smarthost_user = "me"
+            smarthost_password = "secret"
+            max_per_domain = 3
+            dead_destination_time = "2m"
+            [delivery.tls_policy]
+            "Bank.Example" = "verify"
+            [submission]
+            from_header_match = false
+            max_auth_failures_per_minute = 0
+            '''))
+        self.assertEqual(cfg.delivery.tls_policy, {"bank.example": "verify"})
+        self.assertEqual(cfg.delivery.max_per_domain, 3)
+        self.assertFalse(cfg.submission.from_header_match)
+        self.assertTrue(cfg.submission.sender_login_match)
+        self.assertEqual(cfg.submission.max_auth_failures_per_minute, 0)
+
+    def test_bad_outbound_keys(self):
+        self.assertBad(LDIF + '[delivery.tls_policy]\n"x.test" = "always"\n',
+                       "[delivery] tls_policy", "'always'")
+        self.assertBad(LDIF + '[delivery.tls_policy]\n"x.test" = 1\n',
+                       "[delivery] tls_policy", "expected a table of strings")
+        self.assertBad(LDIF + '[delivery]\ntls_policy = "verify"\n',
+                       "[delivery] tls_policy", "expected a table")
+        self.assertBad(LDIF + '[delivery]\nsmarthost_user = "me"\n',
+                       "[delivery] smarthost_user", "expected a smarthost")
+        self.assertBad(LDIF + '[delivery]\nmax_per_domain = 0\n',
+                       "[delivery] max_per_domain", "expected a positive number")
+        self.assertBad(LDIF + '[delivery]\ndead_destination_time = "a while"\n',
+                       "[delivery] dead_destination_time", "expected a duration")
+        self.assertBad(LDIF + '[delivery]\npostmaster = "nobody"\n',
+                       "[delivery] postmaster", "expected an address")
+        self.assertBad(LDIF + '[delivery]\ntls_ca_file = "missing.pem"\n',
+                       "[delivery] tls_ca_file", "cannot read")
+        self.assertBad(LDIF + '[submission]\nmax_auth_failures_per_minute = -1\n',
+                       "[submission] max_auth_failures_per_minute", ">= 0")
+        self.assertBad(LDIF + '[submission]\nrelaxed = true\n', "unknown key 'relaxed'")
 
     def test_tls_only_one_of_pair(self):
         self.assertBad(LDIF + '[tls]\ncertificate = "c.pem"\n', "[tls] certificate and key",
