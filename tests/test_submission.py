@@ -3,12 +3,12 @@
 import base64
 import dataclasses
 import os
-import ssl
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from mailbox_appliance.queue.spool import read_queue_file
+from tests.imap_helpers import client_context
 from tests.smtp_helpers import ApplianceMixin, RawClient
 
 LISTENERS = ("submission", "submissions")
@@ -16,13 +16,6 @@ LISTENERS = ("submission", "submissions")
 EXTRA = 'smarthost = "127.0.0.1:9"\n'
 MSG = (b"From: Alice <alice@example.test>\r\nTo: bob@example.test\r\n"
        b"Subject: sub\r\n\r\nHello.\r\n")
-
-
-def tls_context():
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def b64(data):
@@ -41,13 +34,13 @@ class Client(RawClient):
     @classmethod
     def implicit(cls, port):
         c = cls(port)
-        c.sock = tls_context().wrap_socket(c.sock)
+        c.sock = client_context().wrap_socket(c.sock)
         return c
 
     def starttls(self):
         code, lines = self.cmd("STARTTLS")
         assert code == 220, (code, lines)
-        self.sock = tls_context().wrap_socket(self.sock)
+        self.sock = client_context().wrap_socket(self.sock)
         self.buf = b""
 
     def login(self, login="alice", password="secret"):

@@ -4,20 +4,13 @@ import os
 import re
 import shutil
 import smtplib
-import ssl
 import subprocess
 
 from twisted.trial import unittest
 
 from mailbox_appliance.queue.spool import read_queue_file
+from tests.imap_helpers import client_context
 from tests.e2e.harness import ApplianceProcess, free_port
-
-
-def tls_context():
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 class SubmissionTests(unittest.TestCase):
@@ -102,7 +95,7 @@ class SubmissionTests(unittest.TestCase):
         body = ("From: Bob <bob@example.test>\r\nTo: alice@example.test\r\n"
                 "Bcc: hidden@elsewhere.test\r\nSubject: {}\r\n\r\nhello\r\n")
         with smtplib.SMTP("127.0.0.1", self.app.ports["submission"]) as s:
-            s.starttls(context=tls_context())
+            s.starttls(context=client_context())
             s.login("bob", "bob-secret")
             with self.assertRaises(smtplib.SMTPSenderRefused) as e:
                 s.sendmail("alice@example.test", ["alice@example.test"], "x")
@@ -110,7 +103,7 @@ class SubmissionTests(unittest.TestCase):
             s.sendmail("bob@example.test", ["alice@example.test", "hidden@elsewhere.test"],
                        body.format("port 587"))
         with smtplib.SMTP_SSL("127.0.0.1", self.app.ports["submissions"],
-                              context=tls_context()) as s:
+                              context=client_context()) as s:
             s.login("bob@example.test", "bob-secret")
             s.sendmail("bob@example.test", ["alice@example.test"], body.format("port 465"))
         self.app.wait_for(lambda: len(self.app.messages("alice")) == 2, what="delivery")
@@ -119,6 +112,7 @@ class SubmissionTests(unittest.TestCase):
             self.assertRegex(m, rb"\nMessage-ID: <\w+\.[0-9a-f]+@mx\.example\.test>\n"
                                 rb"Date: [^\n]+\n\nhello\n$")
         # The Bcc recipient's copy waits in the queue, without its Bcc: line either.
+        self.app.wait_for(lambda: len(self.app.queue_ids()) == 1, what="the other removed")
         envelopes = self.queued_envelopes()
         self.assertEqual([e.recipients for e in envelopes], [["alice@example.test",
                                                               "hidden@elsewhere.test"]])
