@@ -14,11 +14,8 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from mailbox_appliance.maillog import mail_event
-from mailbox_appliance.queue.dsn import DSNRecipient, build_dsn
+from mailbox_appliance.queue.dsn import MAX_RETURNED, DSNRecipient, build_dsn
 from mailbox_appliance.queue.spool import Envelope
-
-# More of the original than this is not returned (headers only then).
-MAX_RETURNED = 10 * 1024 * 1024
 
 
 def wants(notify: str, kind: str) -> bool:
