@@ -8,13 +8,22 @@ stop). Only DNS is asked, not ``/etc/hosts`` (as Postfix's
 ``smtp_host_lookup = dns``): mail routing follows MX records, and the hosts
 file would be read from disk on the reactor thread at every lookup.
 ``[dns] timeout`` bounds one lookup, its retries included.
+
+:class:`CachingResolver` keeps answers in memory for their TTL, so that a
+stream of mail to the same domains does not ask the same three questions
+(MX, A, AAAA) for every message.
 """
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 
-from twisted.names import client
+from twisted.internet import defer
+from twisted.internet.interfaces import IResolver
+from twisted.names import client, common, dns
+from twisted.names.error import DNSNameError
+from zope.interface import implementer
 
 RESOLV_CONF = "/etc/resolv.conf"
 
@@ -95,3 +104,111 @@ def make_resolver(reactor, config, resolv_conf=RESOLV_CONF):
     # Each interval is spent once per server, so the budget is shared.
     timeout = retry_timeouts(config.dns.timeout // len(servers))
     return client.Resolver(servers=servers, timeout=timeout, reactor=reactor)
+
+
+# Answers are kept at most this long whatever their TTL, and "no such name" or
+# "no such record" (RFC 2308 negative answers) at most NEGATIVE_MAX_TTL: a
+# zone that is being fixed should not wait hours for us to notice.
+MAX_TTL = 3600
+NEGATIVE_MAX_TTL = 300
+MAX_ENTRIES = 10000
+
+
+def _negative_ttl(authority) -> int:
+    """RFC 2308 5: a negative answer lives min(SOA TTL, SOA MINIMUM); 0 without SOA."""
+    for rr in authority:
+        if rr.type == dns.SOA:
+            return max(0, min(rr.ttl, rr.payload.minimum, NEGATIVE_MAX_TTL))
+    return 0
+
+
+@implementer(IResolver)
+class CachingResolver(common.ResolverBase):
+    """An IResolver that answers repeated questions from memory.
+
+    Each question (name, class, type) sent to ``resolver`` is remembered
+    with its answer for the smallest TTL of the answer records (at most
+    ``MAX_TTL``); an empty answer (NODATA) and NXDOMAIN for the negative TTL
+    of the zone's SOA record (RFC 2308, at most ``NEGATIVE_MAX_TTL``), and
+    not at all without one. Every other failure (SERVFAIL, refusals,
+    timeouts) is never kept: the next question asks again. At most
+    ``max_entries`` answers are kept, the least recently used dropped first.
+    Expired entries are dropped when next asked for, so there are no timers.
+    Answers from memory carry the TTLs left, as a caching server's would.
+    """
+
+    def __init__(self, resolver, reactor, max_entries=MAX_ENTRIES):
+        super().__init__()
+        self.resolver = resolver
+        self.reactor = reactor
+        self.max_entries = max_entries
+        # (name, class, type) -> (expiry time, time stored, answer tuple or
+        # DNSNameError); in order of last use.
+        self._entries = collections.OrderedDict()
+
+    def __len__(self):
+        return len(self._entries)
+
+    def clear(self):
+        """Forget every answer."""
+        self._entries.clear()
+
+    def forget(self, domain):
+        """Forget the answers about ``domain`` and the names under it."""
+        name = dns.domainString(domain).lower().rstrip(b".")
+        suffix = b"." + name
+        for key in [k for k in self._entries if k[0] == name or k[0].endswith(suffix)]:
+            del self._entries[key]
+
+    def _lookup(self, name, cls, type, timeout):
+        key = (name.lower().rstrip(b"."), cls, type)
+        entry = self._entries.get(key)
+        if entry is not None:
+            expires, stored, answer = entry
+            now = self.reactor.seconds()
+            if now < expires:
+                self._entries.move_to_end(key)
+                if isinstance(answer, DNSNameError):
+                    return defer.fail(answer)
+                return defer.succeed(_aged(answer, int(now - stored)))
+            del self._entries[key]
+        method = getattr(self.resolver, common.typeToMethod.get(type, ""), None)
+        if method is None:
+            return self.resolver.query(dns.Query(name, type, cls), timeout)
+        d = method(name) if timeout is None else method(name, timeout)
+        return d.addCallbacks(self._answered, self._failed, callbackArgs=(key,),
+                              errbackArgs=(key,))
+
+    def _answered(self, result, key):
+        answers, authority, _additional = result
+        if answers:
+            ttl = min(MAX_TTL, min(rr.ttl for rr in answers))
+        else:
+            ttl = _negative_ttl(authority)
+        self._store(key, ttl, result)
+        return result
+
+    def _failed(self, failure, key):
+        if failure.check(DNSNameError):
+            message = failure.value.args[0] if failure.value.args else None
+            ttl = _negative_ttl(getattr(message, "authority", ()))
+            self._store(key, ttl, failure.value)
+        return failure
+
+    def _store(self, key, ttl, answer):
+        if ttl <= 0 or self.max_entries <= 0:
+            return
+        now = self.reactor.seconds()
+        self._entries.pop(key, None)
+        while len(self._entries) >= self.max_entries:
+            self._entries.popitem(last=False)
+        self._entries[key] = (now + ttl, now, answer)
+
+
+def _aged(result, elapsed):
+    """``result`` with every record's TTL lowered by ``elapsed`` seconds."""
+    if elapsed <= 0:
+        return result
+    return tuple([dns.RRHeader(rr.name.name, rr.type, rr.cls, max(0, rr.ttl - elapsed),
+                               rr.payload, rr.auth) for rr in section]
+                 for section in result)

@@ -17,6 +17,10 @@ once per destination domain; waiters queue in order. A destination whose
 every host could not be reached is remembered as dead for
 ``dead_destination_time``: its mail is deferred at once, without DNS or
 connection attempts, until then or until :meth:`RemoteDelivery.flush`.
+
+DNS answers are kept for their TTL (``dns.CachingResolver``): mail to a
+domain asks its MX, A and AAAA questions once, not once per message. A flush
+of a domain forgets them, so a zone just fixed is looked at again.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailbox_appliance import tls
+from mailbox_appliance.dns import CachingResolver, make_resolver
 from mailbox_appliance.config import parse_duration
 from mailbox_appliance.delivery import smtp_client
 from mailbox_appliance.delivery.mx import MailHost, MXLookupError, MXResolver
@@ -142,9 +147,9 @@ class RemoteDelivery:
         self.config = config
         dl = config.delivery
         if resolver is None:
-            from mailbox_appliance.dns import make_resolver
             resolver = make_resolver(reactor, config)
-        self.mx = MXResolver(resolver, rng=rng)
+        self.dns_cache = CachingResolver(resolver, reactor)
+        self.mx = MXResolver(self.dns_cache, rng=rng)
         self.tls_client = tls_client if tls_client is not None else \
             tls.ClientTLS(dl.tls_ca_file)
         self.settings = ClientSettings(helo_name=config.server.hostname,
@@ -182,8 +187,10 @@ class RemoteDelivery:
     def flush(self, domain=None):
         if domain is None:
             self._dead.clear()
+            self.dns_cache.clear()
             return
         self._dead.pop(domain.lower(), None)
+        self.dns_cache.forget(domain.lower())
         if self.smarthost:
             self._dead.pop(self._key(domain.lower()), None)
 
