@@ -398,7 +398,11 @@ class DotStuffer:
             data, self._held = data[:-1], b"\r"
         if not data:
             return b""
-        data = self._LINE_ENDS.sub(b"\r\n", data)
+        crlf = data.count(b"\r\n")
+        if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+            # Counting is far cheaper than the substitution, and queued mail
+            # has CRLF line ends already: only a stray CR or LF needs it.
+            data = self._LINE_ENDS.sub(b"\r\n", data)
         out = data.replace(b"\r\n.", b"\r\n..")
         if self._at_line_start and out.startswith(b"."):
             out = b"." + out

@@ -35,7 +35,9 @@ class SubmissionFixup:
     of the data. Once the header block is over, chunks pass unchanged.
     """
 
-    def __init__(self, message_id: str, date: str, limit: int = MAX_HEADER_BLOCK):
+    def __init__(self, message_id, date, limit: int = MAX_HEADER_BLOCK):
+        # Each may be a string or a function that makes it, called only when
+        # the field is missing: most clients send both.
         self.message_id = message_id
         self.date = date
         self.limit = limit
@@ -107,9 +109,13 @@ class SubmissionFixup:
                 self.from_values.append(raw[raw.index(b":") + 1:])
             out.append(raw)
         if b"message-id" not in names:
-            out.append(f"Message-ID: {self.message_id}\r\n".encode("ascii"))
+            out.append(f"Message-ID: {_value(self.message_id)}\r\n".encode("ascii"))
         if b"date" not in names:
-            out.append(f"Date: {self.date}\r\n".encode("ascii"))
+            out.append(f"Date: {_value(self.date)}\r\n".encode("ascii"))
         self._fields = []
         self._pending = b""
         return b"".join(out)
+
+
+def _value(v):
+    return v() if callable(v) else v

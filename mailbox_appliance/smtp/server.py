@@ -50,6 +50,22 @@ _FORBIDDEN = {"GET", "POST", "PUT", "HEAD", "CONNECT", "OPTIONS", "USER"}
 CMD, DATA, CLOSING = range(3)
 
 
+_last_date = (None, "")
+
+
+def message_date(seconds) -> str:
+    """RFC 5322 date-time of ``seconds`` in local time, as email.utils.formatdate.
+
+    Every message gets one in its Received: field; formatting it is not
+    free, and under load many messages arrive within the same second.
+    """
+    global _last_date
+    whole = int(seconds)
+    if _last_date[0] != whole:
+        _last_date = (whole, formatdate(whole, localtime=True))
+    return _last_date[1]
+
+
 def _drop_all_but_cr(buf):
     """Throw away buffered octets of an overlong line, except a last CR that
     may be the first half of the CRLF ending it."""
@@ -641,7 +657,7 @@ class SMTPServerProtocol(Protocol):
         comment = f"\r\n\t{comment}" if comment else ""
         return (f"Received: from {s.helo} ([{s.client_ip}]){self._tls_description()}{comment}\r\n"
                 f"\tby {self.factory.hostname} (mailbox_appliance) with {self._with_protocol()}"
-                f" id {qid}{rcpt};\r\n\t{formatdate(self.reactor.seconds(), localtime=True)}\r\n")
+                f" id {qid}{rcpt};\r\n\t{message_date(self.reactor.seconds())}\r\n")
 
     def _process_data(self) -> bool:
         """Consume whole lines of the body; True when the terminator was seen."""

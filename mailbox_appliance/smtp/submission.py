@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from email.utils import formatdate, getaddresses
+from email.utils import getaddresses
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -23,7 +23,8 @@ from mailbox_appliance.smtp import sasl
 from mailbox_appliance.smtp.fixup import SubmissionFixup
 from mailbox_appliance.smtp.policy import (
     HopCount, PolicyChain, RecipientExists, RelayAccess, Verdict)
-from mailbox_appliance.smtp.server import CLOSING, SMTPServerFactory, SMTPServerProtocol
+from mailbox_appliance.smtp.server import (
+    CLOSING, SMTPServerFactory, SMTPServerProtocol, message_date)
 
 # What of a login name may appear in a Received: comment; the rest is '?'.
 _UNSAFE_IN_COMMENT = re.compile(r"[^A-Za-z0-9._@+-]")
@@ -138,8 +139,10 @@ class SubmissionServerProtocol(SMTPServerProtocol):
 
     def _message_filter(self, qid):
         hostname = self.factory.hostname
-        return SubmissionFixup(message_id=f"<{qid}.{secrets.token_hex(6)}@{hostname}>",
-                               date=formatdate(self.reactor.seconds(), localtime=True))
+        now = self.reactor.seconds()
+        return SubmissionFixup(
+            message_id=lambda: f"<{qid}.{secrets.token_hex(6)}@{hostname}>",
+            date=lambda: message_date(now))
 
     def _received_comment(self):
         login = self.session.authenticated
