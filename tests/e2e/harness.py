@@ -49,7 +49,8 @@ class ApplianceProcess:
 
     def __init__(self, workdir, domains=("example.test",), extra="", ldif=None,
                  directory_url="", directory_extra="", listeners=(), smtp_interface="127.0.0.1",
-                 smtp_port=None, dns_server=None):
+                 smtp_port=None, dns_server=None, hostname="mx.example.test",
+                 base_dn="dc=example,dc=test", server_extra=""):
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.smtp_interface = smtp_interface
@@ -76,14 +77,15 @@ class ApplianceProcess:
         with open(self.config_path, "w") as f:
             f.write(textwrap.dedent(f"""\
                 [server]
-                hostname = "mx.example.test"
+                hostname = "{hostname}"
                 domains = [{doms}]
                 data_dir = "var"
+                {server_extra}
                 [listen]
                 smtp = "tcp:{self.smtp_port}:interface={smtp_interface}"
                 {listen_lines}
                 [directory]
-                base_dn = "dc=example,dc=test"
+                base_dn = "{base_dn}"
                 cache_ttl = 5
                 """) + directory + extra)
         self.proc = None
@@ -157,3 +159,89 @@ class ApplianceProcess:
                 return
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}\n{self.log()[-3000:]}")
+
+
+def wait_until(predicate, timeout=20, what="condition", log=None, interval=0.05):
+    """``ApplianceProcess.wait_for`` for tests that run servers in the test's
+    own reactor (a fake DNS, a sink): a Deferred polled on the reactor,
+    which keeps answering meanwhile. ``log`` (a callable) adds the
+    appliance's log to the failure."""
+    from twisted.internet import reactor, task
+
+    deadline = time.monotonic() + timeout
+
+    def check():
+        if predicate():
+            return None
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out waiting for {what}"
+                                 + (f"\n{log()[-3000:]}" if log else ""))
+        return task.deferLater(reactor, interval, check)
+    return task.deferLater(reactor, 0, check)
+
+
+SMTP_SINK = "/usr/sbin/smtp-sink"
+
+
+class PostfixSink:
+    """Postfix's ``smtp-sink`` on one address and port, each message dumped
+    to a file (``-d``) that :meth:`messages` reads back.
+
+    ``options`` are smtp-sink's own, e.g. ``("-N",)`` (no DSN) or
+    ``("-r", "RCPT")`` (4xx to every RCPT).
+    """
+
+    def __init__(self, address, port, *options):
+        import tempfile
+        self.address, self.port, self.options = address, port, options
+        # smtp-sink drops root privileges (-u): its dump folder must be
+        # reachable and writable for that user, wherever the tests run.
+        self.dump_dir = tempfile.mkdtemp(prefix="smtp-sink-")
+        os.chmod(self.dump_dir, 0o777)
+        self.proc = None
+
+    @staticmethod
+    def available():
+        return os.access(SMTP_SINK, os.X_OK)
+
+    def start(self, *options, wait=10):
+        if options:
+            self.options = options
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        self.proc = subprocess.Popen(
+            [SMTP_SINK, *user, *self.options, "-d", os.path.join(self.dump_dir, "msg."),
+             f"{self.address}:{self.port}", "100"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("smtp-sink exited: " + self.proc.stderr.read().decode())
+            try:
+                with socket.create_connection((self.address, self.port), timeout=2) as s:
+                    s.settimeout(5)
+                    if s.recv(100).startswith(b"220"):
+                        s.sendall(b"QUIT\r\n")
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("smtp-sink did not start")
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        if self.proc is not None:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def messages(self):
+        """Each dumped transaction: smtp-sink's X-* lines, its Received:, the message."""
+        out = []
+        for name in sorted(os.listdir(self.dump_dir)):
+            with open(os.path.join(self.dump_dir, name), "rb") as f:
+                out.append(f.read())
+        return out
+
+    def cleanup(self):
+        self.stop()
+        shutil.rmtree(self.dump_dir, ignore_errors=True)
