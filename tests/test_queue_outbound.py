@@ -385,3 +385,91 @@ class ControlTests(OutboundTestBase):
         self.assertEqual(self.manager.flush(), 2)
         yield self.manager.when_idle()
         self.assertEqual(len(self.remote.calls), 3)
+
+
+class ReviewRegressionTests(OutboundTestBase):
+    """Failure paths between the steps of an attempt."""
+
+    @defer.inlineCallbacks
+    def test_a_notice_that_could_not_be_queued_is_sent_by_the_next_attempt(self):
+        self.remote.script = {"gone@one.test": BOUNCED}
+        real_commit = self.spool.commit
+        calls = []
+
+        def failing_once(inc):
+            calls.append(inc)
+            if len(calls) == 2:         # the first is the message, the second its bounce
+                inc.abort()
+                return defer.fail(OSError(28, "No space left on device"))
+            return real_commit(inc)
+        self.patch(self.spool, "commit", failing_once)
+        q = yield self.enqueue(["gone@one.test"], sender="alice@example.test")
+        self.flushLoggedErrors(OSError)
+        self.assertIn(q.qid, self.queued())
+        self.assertNotIn("0:*", q.done)
+        self.assertEqual(self.pending_retries(), [60])
+        yield self.advance(60)
+        yield self.settle()
+        [bounce] = self.notices()
+        self.assertIn("Undelivered", bounce["Subject"])
+        self.assertNotIn(q.qid, self.queued())
+
+    @defer.inlineCallbacks
+    def test_lmtp_failures_are_left_to_the_client(self):
+        q = yield self.commit(["gone@example.test", "bob@example.test"],
+                              sender="alice@example.test")
+        statuses = yield self.manager.deliver_now(q)
+        self.assertEqual(statuses, {0: "bounced", 1: "sent"})
+        yield self.settle()
+        self.assertEqual(self.notices(), [])      # the LMTP client got the 550
+
+    @defer.inlineCallbacks
+    def test_lmtp_crash_after_delivery_does_not_hand_back_delivered_recipients(self):
+        q = yield self.commit(["bob@example.test", "carol@example.test"])
+
+        def broken(qmsg, keys):
+            return defer.fail(OSError(5, "Input/output error"))
+        self.patch(self.spool, "mark_done", broken)
+        statuses = yield self.manager.deliver_now(q)
+        self.flushLoggedErrors(OSError)
+        # bob has his copy; carol's forward stays with the queue.
+        self.assertEqual(statuses, {0: "sent", 1: "queued"})
+        self.assertEqual(len(self.mailbox("bob")), 1)
+
+    @defer.inlineCallbacks
+    def test_release_cancels_a_hold_asked_during_an_attempt(self):
+        self.remote.hang.add("one.test")
+        q = yield self.commit(["x@one.test"])
+        self.manager.submit(q)
+        self.assertEqual(self.manager.hold(q.qid), 1)
+        self.assertEqual(self.manager.release(q.qid), 1)
+        self.remote.release_hung()
+        yield self.manager.when_idle()
+        self.assertNotIn(q.qid, os.listdir(self.spool.hold_dir))
+        self.assertEqual(self.pending_retries(), [60])
+
+    @defer.inlineCallbacks
+    def test_flush_of_one_message_forgets_only_its_destinations(self):
+        self.remote.script = {"x@one.test": DEFERRED}
+        q = yield self.enqueue(["x@one.test"])
+        self.remote.flushed.clear()
+        self.assertEqual(self.manager.flush(q.qid), 1)
+        yield self.manager.when_idle()
+        self.assertEqual(self.remote.flushed, ["one.test"])
+
+    @defer.inlineCallbacks
+    def test_etrn_at_domain_takes_subdomains_and_routed_destinations(self):
+        self.remote.script = {"x@a.one.test": DEFERRED, "carol@elsewhere.test": DEFERRED,
+                              "y@two.test": DEFERRED}
+        yield self.enqueue(["x@a.one.test"])
+        yield self.enqueue(["carol@example.test"])
+        yield self.enqueue(["y@two.test"])
+        self.remote.calls.clear()
+        self.assertEqual(self.manager.flush("@one.test"), 1)
+        self.assertEqual(self.manager.flush("one.test"), 0)
+        yield self.manager.when_idle()
+        # The forward's real destination counts, not only the envelope domain.
+        self.assertEqual(self.manager.flush("elsewhere.test"), 1)
+        yield self.manager.when_idle()
+        self.assertEqual(sorted(c[1] for c in self.remote.calls),
+                         ["a.one.test", "elsewhere.test"])

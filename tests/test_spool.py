@@ -540,6 +540,37 @@ class RecoveryTests(SpoolTestMixin, unittest.TestCase):
         self.assertEqual(s.recover(), [])
         self.assertEqual(files(s.active_dir), [])
 
+    def test_records_left_behind_by_a_cut_short_hold_go_with_the_message(self):
+        # A hold moves the records first; a crash before the message itself
+        # moved leaves the message in active/ and its records in hold/.
+        s = self.make_spool()
+        self.write_active(s, "HALF", MAGIC + envelope().to_json() + b"\nok\r\n")
+        with open(os.path.join(s.hold_dir, "HALF.done"), "wb") as f:
+            f.write(b"0:*\n")
+        with open(os.path.join(s.hold_dir, "HALF.status"), "wb") as f:
+            f.write(b'{"attempts": 3, "next": 5.0, "warned": [], "rcpt": {}}')
+        [m] = s.recover()
+        self.assertEqual(m.done, {"0:*"})
+        self.assertEqual(m.attempts, 3)
+        self.assertEqual(files(s.hold_dir), [])
+        self.assertEqual(s.held(), [])
+
+    def test_held_messages_and_status_records(self):
+        s = self.make_spool()
+        self.write_active(s, "HELD", MAGIC + envelope().to_json() + b"\nok\r\n")
+        [m] = s.recover()
+        m.attempts, m.last = 2, {0: {"status": "deferred", "reply": "451 busy"}}
+        d = s.write_status(m).addCallback(lambda _: s.move(m, to_hold=True))
+
+        def moved(m2):
+            self.assertTrue(m2.held)
+            self.assertEqual(files(s.active_dir), [])
+            [h] = s.held()
+            self.assertEqual((h.attempts, h.last[0]["reply"], h.held), (2, "451 busy", True))
+            return s.move(h, to_hold=False).addCallback(
+                lambda h2: self.assertEqual([x.qid for x in s.recover()], ["HELD"]))
+        return d.addCallback(moved)
+
     def test_vanished_file_is_skipped(self):
         # A message removed while recovery lists the directory is not corrupt.
         s = self.make_spool()

@@ -77,6 +77,7 @@ class QueueManager(Service):
         self._messages = {}         # qid -> QueuedMessage, every message in active/
         self._held = {}             # qid -> QueuedMessage in hold/
         self._after_attempt = {}    # qid -> "hold" or "delete", asked during an attempt
+        self._answers = {}          # qid -> statuses an LMTP attempt has decided
 
     # -- service ------------------------------------------------------------
 
@@ -97,8 +98,15 @@ class QueueManager(Service):
                 self.log.info("queue: {n} message(s) recovered from disk", n=len(messages))
             for m in held:
                 self._held[m.qid] = m
+            now = self.reactor.seconds()
             for m in messages:
-                self.submit(m)
+                if m.attempts and m.next_attempt > now:
+                    # Waiting for its next slot before the restart: keep it
+                    # (a restart is not a reason to hammer dead destinations).
+                    self._messages[m.qid] = m
+                    self._schedule_retry(m, delay=m.next_attempt - now)
+                else:
+                    self.submit(m)
 
         def failed(f):
             self._recovering = None
@@ -188,10 +196,20 @@ class QueueManager(Service):
         d = self._attempt(qmsg, give_back=True)
 
         def crashed(f):
+            # What the attempt decided before it failed (a disk error at
+            # the end, say) stands: delivered recipients are not handed
+            # back to be sent twice; those handed back are not ours any more.
+            statuses = self._answers.pop(qmsg.qid, None) or {
+                i: "sent" if f"{i}:*" in qmsg.done else "deferred"
+                for i in range(len(qmsg.envelope.recipients))}
+            for i, status in statuses.items():
+                if status == "deferred":
+                    qmsg.done.add(f"{i}:*")
             self._attempt_failed(qmsg, f)
-            return {i: "deferred" for i in range(len(qmsg.envelope.recipients))}
+            return statuses
 
         def finished(statuses):
+            self._answers.pop(qmsg.qid, None)
             self._attempt_finished(qmsg)
             self._lane_done(self.fresh)
             return statuses
@@ -264,6 +282,11 @@ class QueueManager(Service):
             newly_done.append(key)
             qmsg.done.add(key)
 
+        # Recipients a notice reports on (bounced, expired) are ended only
+        # once that notice is safely queued: if queueing it fails, the next
+        # attempt finds them again and reports them then.
+        owed = []
+
         # One copy per final destination and message, as Postfix does: a user
         # named directly and through an alias, or two aliases, gets it once.
         handled = {key.partition(":")[2] for key in qmsg.done}
@@ -327,7 +350,7 @@ class QueueManager(Service):
                     elif not result.dsn_passed_on:
                         successes.append((idx, target.address, result, "relayed"))
                 elif result.status == BOUNCED:
-                    done(f"{idx}:{target.key}")
+                    owed.append(f"{idx}:{target.key}")
                     handled.add(target.key)
                     failures.append((idx, target.address, result))
                 elif target.kind == "local":
@@ -335,7 +358,7 @@ class QueueManager(Service):
                 else:
                     remote_waiting = True
                 if result.status == DEFERRED:
-                    qmsg.last[idx] = self._last(result, now)
+                    qmsg.last[idx] = dict(self._last(result, now), to=target.address)
             if not (local_failed or remote_waiting):
                 statuses[idx] = "bounced" if any(f[0] == idx for f in failures) else "sent"
                 qmsg.last.pop(idx, None)
@@ -346,21 +369,29 @@ class QueueManager(Service):
                 # member, or plain remote mail): it stays in our queue.
                 statuses[idx] = "queued"
         for idx, status in statuses.items():
-            if status in ("sent", "bounced"):
+            if status == "sent":
                 done(f"{idx}:*")
+            elif status == "bounced":
+                owed.append(f"{idx}:*")
 
         if give_back:
+            # The LMTP client hears each failure (5xx, or 4xx given back to
+            # it) and reports it itself: no notice from us on top.
+            failures = []
+            for key in owed:
+                done(key)
+            owed = []
             for idx, status in statuses.items():
                 if status == "deferred":
                     done(f"{idx}:*")
                     qmsg.last.pop(idx, None)
+            self._answers[qmsg.qid] = statuses
         else:
             delays, expired = self._age_out(qmsg, statuses, now)
             for idx, rcpt, result in expired:
                 failures.append((idx, rcpt, result))
-                done(f"{idx}:*")
+                owed.append(f"{idx}:*")
                 statuses[idx] = "bounced"
-        pending = any(f"{i}:*" not in qmsg.done for i in range(len(env.recipients)))
 
         # Notices are queued before the done-records that end the recipients
         # they report on: a crash in between repeats a notice, never loses one.
@@ -368,6 +399,10 @@ class QueueManager(Service):
             yield self.notices.report(qmsg, failures=failures, delays=delays,
                                       successes=successes, now=now,
                                       will_retry_until=env.arrival + self.max_age)
+        for key in owed:
+            done(key)
+        qmsg.warned.update(idx for idx, _, _ in delays)
+        pending = any(f"{i}:*" not in qmsg.done for i in range(len(env.recipients)))
         # Later attempts read the file: do not keep the bytes in memory.
         qmsg.data = None
         if not pending:
@@ -410,7 +445,6 @@ class QueueManager(Service):
                                  RecipientResult(BOUNCED, "4.4.7",
                                                  "4.4.7 message expired: " + reason))
             elif age >= self.warn_after and idx not in qmsg.warned:
-                qmsg.warned.add(idx)
                 delays.append((idx, env.recipients[idx], RecipientResult(
                     DEFERRED, last.get("enhanced") or "4.0.0",
                     last.get("reply") or "delivery is being retried",
@@ -506,25 +540,49 @@ class QueueManager(Service):
     def flush(self, target=None):
         """Attempt now every waiting message, those of one queue id, or those with
         a recipient at one domain (ETRN, ``queue flush``); returns the count."""
-        if self.remote_agent is not None:
-            self.remote_agent.flush(None if target is None or target in self._messages
-                                    else target.lower().lstrip("@"))
+        domains = None                      # None: every destination
         if target is None:
             chosen = list(self._messages.values())
         elif target in self._messages:
             chosen = [self._messages[target]]
+            domains = self._pending_domains(chosen[0])
         else:
+            # RFC 1985: "@example.org" is the domain and its subdomains.
             domain = target.lower().lstrip("@")
-            chosen = [m for m in self._messages.values()
-                      if any(r.rpartition("@")[2].lower() == domain
-                             and f"{i}:*" not in m.done
-                             for i, r in enumerate(m.envelope.recipients))]
+            subdomains = target.startswith("@")
+
+            def matches(d):
+                return d == domain or (subdomains and d.endswith("." + domain))
+            domains = set()
+            chosen = []
+            for m in self._messages.values():
+                hit = {d for d in self._pending_domains(m) if matches(d)}
+                if hit:
+                    chosen.append(m)
+                    domains |= hit
+            domains.add(domain)
+        if self.remote_agent is not None:
+            for d in (None,) if domains is None else sorted(domains):
+                self.remote_agent.flush(d)
         count = 0
         for m in chosen:
             if m.qid not in self._inflight:
                 self.submit(m)
                 count += 1
         return count
+
+    @staticmethod
+    def _pending_domains(qmsg):
+        """Domains of the recipients of ``qmsg`` not yet done, and of the remote
+        destinations they were routed to (forwarding, alias members)."""
+        out = set()
+        for i, r in enumerate(qmsg.envelope.recipients):
+            if f"{i}:*" not in qmsg.done:
+                out.add(r.rpartition("@")[2].lower())
+        for last in qmsg.last.values():
+            if last.get("to"):
+                out.add(last["to"].rpartition("@")[2].lower())
+        return out
 
     def hold(self, qid):
         """Put a message on hold (no delivery until released); 1, or KeyError."""
@@ -553,6 +611,9 @@ class QueueManager(Service):
         """Take a message off hold and attempt it now; 1, or KeyError."""
         qmsg = self._held.pop(qid, None)
         if qmsg is None:
+            if self._after_attempt.get(qid) == "hold":
+                del self._after_attempt[qid]        # asked during an attempt: never mind
+                return 1
             if qid in self._messages:
                 return 0
             raise KeyError(qid)

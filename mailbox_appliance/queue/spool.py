@@ -511,6 +511,15 @@ class Spool:
                     else:
                         _unlink_quietly(path)
                 continue
+            other = self.active_dir if held else self.hold_dir
+            for ext in (".done", ".status"):
+                # A move between active/ and hold/ cut short by a crash left
+                # the records (moved first) in the other folder: they belong
+                # with the message, or what was delivered would be again.
+                try:
+                    os.replace(os.path.join(other, name + ext), path + ext)
+                except FileNotFoundError:
+                    pass
             try:
                 m = self.read(name, path)
                 m.held = held
