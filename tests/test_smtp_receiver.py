@@ -130,6 +130,19 @@ class BadInputTests(ApplianceMixin, unittest.TestCase):
         yield self.assertNothingStored()
 
     @defer.inlineCallbacks
+    def test_message_beginning_with_white_space_is_refused(self):
+        # It would continue our Received: field: text smuggled into a trace header.
+        def talk(first):
+            s = Session(self.port)
+            s.open()
+            s.c.send(first + b"Subject: x\r\n\r\nbody\r\n.\r\n")
+            return s.c.reply()
+        for first in (b" forged\r\n", b"\tby evil.test\r\n"):
+            code, lines = yield self.in_thread(talk, first)
+            self.assertEqual((code, lines[0][:5]), (550, "5.6.0"), first)
+        yield self.assertNothingStored()
+
+    @defer.inlineCallbacks
     def test_lone_dot_variants_do_not_end_data(self):
         def talk():
             s = Session(self.port)

@@ -2,6 +2,7 @@
 
 import base64
 import dataclasses
+import email
 import os
 
 from twisted.internet import defer, reactor, task
@@ -483,6 +484,22 @@ class SenderBindingTests(SubmissionMixin, unittest.TestCase):
         yield self.settle()
         self.assertEqual(len(self.delivered("bob")), 4)
         self.assertEqual(self.queue_files(), [])
+
+    @defer.inlineCallbacks
+    def test_header_block_ended_by_a_non_field_line_cannot_hide_a_from(self):
+        # The first non-field line starts the body; a From: after it must stay
+        # body text, never become a header after our added fields.
+        def talk():
+            c = self.opened(login=("alice", "secret"))
+            return c.mail(body=b"Subject: x\r\nnot a field\r\nFrom: bob@example.test\r\n"
+                               b"\r\nhello\r\n")[0]
+        self.assertEqual((yield self.in_thread(talk)), [250, 250, 354, 250])
+        yield self.settle()
+        [m] = self.delivered("bob")
+        msg = email.message_from_bytes(m)
+        self.assertIsNone(msg["From"])
+        self.assertIn("From: bob@example.test", msg.get_payload())
+        self.assertRegex(m, rb"\nDate: [^\n]+\n\nnot a field\nFrom: bob")
 
     @defer.inlineCallbacks
     def test_from_header_check_can_be_off(self):

@@ -76,8 +76,10 @@ class SubmissionFixup:
                 if m:
                     self._fields.append((m.group(1).lower(), [line]))
                     continue
-            # Not a header field: the body starts here without an empty line.
-            return self._header_block() + data[start - len(line):]
+            # Not a header field: the body starts here without an empty
+            # line. Put one in: otherwise what follows our added fields could
+            # be read as more header (a continuation, then a forged From:).
+            return self._header_block() + b"\r\n" + data[start - len(line):]
 
     def _check(self, n):
         """Refuse the message once the header block (so far, plus ``n``) is too big."""

@@ -724,6 +724,10 @@ class SMTPServerProtocol(Protocol):
             self._flag(500, "5.5.2", "Error: message line too long")
         if chunk[:1] == b"." or b"\r\n." in chunk:
             chunk = (b"\r\n" + chunk).replace(b"\r\n.", b"\r\n")[2:]
+        if self._body_size == 0 and chunk[:1] in (b" ", b"\t"):
+            # It would continue our own Received: field (or whatever header
+            # comes before it): a way to smuggle text into trace headers.
+            self._flag(550, "5.6.0", "Error: message begins with white space")
         if self._in_headers:
             if chunk.startswith(b"\r\n"):
                 head, self._in_headers = b"", False
