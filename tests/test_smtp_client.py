@@ -570,6 +570,13 @@ class SessionSendTests(unittest.TestCase):
         w.reply(b"250 ok\r\n")
         self.assertFalse(self.successResultOf(d).results[0].dsn_passed_on)
 
+    def test_8bitmime_passed_on_when_offered(self):
+        for ehlo, expected in ((b"250-mx\r\n250 8BITMIME\r\n", " BODY=8BITMIME"),
+                               (b"250 mx\r\n", "")):
+            w, s = self.opened(ehlo)
+            s.send(message(eight_bit=True), rcpts("a@ext.test"))
+            self.assertEqual(w.sent()[0], "MAIL FROM:<s@example.test>" + expected)
+
     def test_size_over_the_servers_limit_bounces(self):
         w, s = self.opened(b"250-mx\r\n250 SIZE 10\r\n")
         out = self.successResultOf(s.send(message(), rcpts("a@ext.test")))

@@ -730,6 +730,10 @@ class SMTPSession:
                 line += f" RET={env.ret.upper()}"
             if env.envid and _XTEXT_SAFE.match(env.envid):
                 line += f" ENVID={env.envid}"
+        if getattr(env, "eight_bit", False) and "8BITMIME" in self.extensions:
+            # RFC 6152: declared by our client, passed on. A next hop without
+            # 8BITMIME gets the bytes as they are, as Postfix sends them.
+            line += " BODY=8BITMIME"
         if utf8 and "SMTPUTF8" in self.extensions:
             line += " SMTPUTF8"
         return line

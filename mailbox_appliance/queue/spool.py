@@ -65,6 +65,8 @@ class Envelope:
     # "postmaster" for the copy of a failed null-sender message sent to the
     # postmaster, which is never reported on again (no bounce loops).
     notice: str = ""
+    # The client declared BODY=8BITMIME (RFC 6152): passed on to the next hop.
+    eight_bit: bool = False
 
     def to_json(self) -> bytes:
         d = self.__dict__
@@ -73,6 +75,8 @@ class Envelope:
             d = {k: v for k, v in d.items() if k not in ("ret", "envid", "notify", "orcpt")}
         if not self.notice:
             d = {k: v for k, v in d.items() if k != "notice"}
+        if not self.eight_bit:
+            d = {k: v for k, v in d.items() if k != "eight_bit"}
         return json.dumps(d, ensure_ascii=True, separators=(",", ":")).encode()
 
     def notify_of(self, idx) -> str:
@@ -97,7 +101,8 @@ class Envelope:
         if not all(isinstance(t, str) for t in texts) or \
                 not all(isinstance(l, list) and all(isinstance(r, str) for r in l)
                         for l in lists) or \
-                isinstance(env.arrival, bool) or not isinstance(env.arrival, (int, float)):
+                isinstance(env.arrival, bool) or not isinstance(env.arrival, (int, float)) or \
+                not isinstance(env.eight_bit, bool):
             raise ValueError("bad envelope types")
         return env
 

@@ -612,7 +612,8 @@ class SMTPServerProtocol(Protocol):
                        ret=s.ret, envid=s.envid,
                        # Lists only when some recipient asked for something.
                        notify=list(s.notify) if any(s.notify) else [],
-                       orcpt=list(s.orcpt) if any(s.orcpt) else [])
+                       orcpt=list(s.orcpt) if any(s.orcpt) else [],
+                       eight_bit=s.body_8bit)
         self._incoming = inc = self.factory.spool.new_message(env)
         inc.write_header()
         inc.write(self._received_header(inc.qid).encode("ascii", "replace"))
