@@ -204,9 +204,7 @@ class PostfixSink:
     def available():
         return os.access(SMTP_SINK, os.X_OK)
 
-    def start(self, *options, wait=10):
-        if options:
-            self.options = options
+    def start(self, wait=10):
         user = ["-u", "nobody"] if os.geteuid() == 0 else []
         self.proc = subprocess.Popen(
             [SMTP_SINK, *user, *self.options, "-d", os.path.join(self.dump_dir, "msg."),
@@ -225,6 +223,12 @@ class PostfixSink:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("smtp-sink did not start")
+
+    def restart(self, *options):
+        """Stop, then listen again with exactly ``options``."""
+        self.stop()
+        self.options = options
+        return self.start()
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:

@@ -8,7 +8,8 @@ at different loopback addresses:
     127.0.0.2  the appliance under test, example.test (MX, and submission)
     127.0.0.3  a second appliance, remote.test, with its own directory
     127.0.0.4  nothing: a dead MX host (connection refused)
-    127.0.0.5  Postfix's smtp-sink
+    127.0.0.5  Postfix's smtp-sink, or the scriptable sink of tests/sink_helpers.py
+    127.0.0.6  a scriptable sink that will not take mail
 
 The second appliance resolves example.test through the same DNS server, so
 what it owes our senders (its own delivery notices) comes back to us.
@@ -36,8 +37,10 @@ from twisted.trial import unittest
 from tests.dns_helpers import start_fake_dns
 from tests.e2e.harness import ApplianceProcess, PostfixSink, free_port, run_cli, wait_until
 from tests.imap_helpers import client_context
+from tests.sink_helpers import start_sink
 
 LOCAL, REMOTE, DOWN, SINK = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"
+BUSY = "127.0.0.6"          # a scripted sink that greets with 421
 
 ZONE = {
     "example.test": {"MX": [(10, "mx.example.test")]},
@@ -122,7 +125,7 @@ class OutboundCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.port = common_port([LOCAL, REMOTE, DOWN, SINK])
+        self.port = common_port([LOCAL, REMOTE, DOWN, SINK, BUSY])
         self.dns = yield start_fake_dns(self, ZONE, servfail=SERVFAIL)
         self.local = None
 
@@ -133,7 +136,12 @@ class OutboundCase(unittest.TestCase):
         values = {"smtp_port": self.port, "retry_schedule": ["1h"], "connect_timeout": 3,
                   "command_timeout": 15, "data_timeout": 15}
         values.update(settings)
-        return "[delivery]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+
+        def toml(v):
+            if isinstance(v, dict):
+                return "{" + ", ".join(f"{json.dumps(k)} = {toml(x)}" for k, x in v.items()) + "}"
+            return json.dumps(v)
+        return "[delivery]\n" + "".join(f"{k} = {toml(v)}\n" for k, v in values.items())
 
     @defer.inlineCallbacks
     def start_local(self, server_extra="", listeners=("submission",), **settings):
@@ -229,8 +237,8 @@ class OutboundCase(unittest.TestCase):
                 m.logout()
         return threads.deferToThread(run)
 
-    def notices(self, local="alice", app=None):
-        return [m for m in (app or self.local).messages(local) if is_dsn(m)]
+    def notices(self, local="alice", app=None, domain="example.test"):
+        return [m for m in (app or self.local).messages(local, domain) if is_dsn(m)]
 
     def sink_got(self, sink, subject, count=1):
         """The sink has ``count`` whole transactions carrying ``subject``."""
@@ -420,8 +428,7 @@ class SinkTests(OutboundCase):
         self.assertIn("(1 attempt, next ", listing.stdout)
         self.assertEqual(sink.messages(), [])
         # The sink takes mail again; the administrator flushes the queue.
-        yield threads.deferToThread(sink.stop)
-        yield threads.deferToThread(sink.start, "-N")
+        yield threads.deferToThread(sink.restart, "-N")
         r = yield self.queue("flush")
         self.assertEqual((r.returncode, r.stdout),
                          (0, "1 message(s) scheduled for delivery now\n"), r.stderr)
@@ -457,8 +464,7 @@ class SinkTests(OutboundCase):
         # The sink accepts now: the success is "relayed", from us. (A retry
         # that found the sink away while it restarted marked it dead for a
         # while: the flush forgets that.)
-        yield threads.deferToThread(sink.stop)
-        yield threads.deferToThread(sink.start, "-N")
+        yield threads.deferToThread(sink.restart, "-N")
         r = yield self.queue("flush")
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
         yield self.until(self.sink_got(sink, "slow but sure"), "delivery at the sink")
@@ -476,6 +482,37 @@ class SinkTests(OutboundCase):
         # reached a server that did not offer DSN.
         self.assertEqual(len(self.notices()), 2)
         self.assertIn(b"X-Rcpt-Args: <someone@sink.test>\n", sink.messages()[0])
+        self.assertClean()
+
+    @defer.inlineCallbacks
+    def test_a_restart_keeps_the_retry_state(self):
+        local = yield self.start_local(retry_schedule=["1s"], warn_after="2s")
+        sink = yield self.start_sink("-r", "RCPT")
+        qid = yield self.submit(["someone@sink.test"], "across a restart")
+        yield self.until(lambda: len(self.notices()) == 1, "the delay notice")
+        yield threads.deferToThread(local.stop)
+        deferred = re.compile(rf"{qid}: to=<someone@sink\.test>, relay=\S+, delay=[\d.]+, "
+                              r"dsn=4\.3\.0, status=deferred")
+        before = len(deferred.findall(local.log()))
+        shown = yield self.queue("show", qid, "--json")
+        attempts = json.loads(shown.stdout)["attempts"]
+        self.assertEqual(attempts, before)
+        yield threads.deferToThread(local.start)
+        yield self.until(lambda: "1 message(s) recovered from disk" in local.log(), "recovery")
+        yield self.until(lambda: len(deferred.findall(local.log())) >= before + 2,
+                         "more attempts after the restart")
+        # The warning was given before the restart: not again.
+        self.assertEqual(len(self.notices()), 1)
+        shown = yield self.queue("show", qid, "--json")
+        doc = json.loads(shown.stdout)
+        self.assertGreaterEqual(doc["attempts"], before + 2)
+        self.assertEqual(doc["recipients"][0]["last"]["reply"],
+                         "450 4.3.0 Error: command failed")
+        yield threads.deferToThread(sink.restart)
+        yield self.queue("flush")
+        yield self.until(self.sink_got(sink, "across a restart"), "delivery at the sink")
+        yield self.until(lambda: not local.queue_ids(), "the queue to empty")
+        self.assertEqual(len(self.notices()), 1)
         self.assertClean()
 
     @defer.inlineCallbacks
@@ -565,4 +602,213 @@ class ETRNTests(OutboundCase):
         yield self.until(lambda: not local.queue_ids(), "the queue to empty")
         self.assertRegex(local.log(), rf"{qid}: to=<someone@sink\.test>, relay=mx\.sink\.test"
                                       r"\S*, delay=[\d.]+, dsn=2\.\d\.\d, status=sent")
+        self.assertClean()
+
+
+class ScriptedSinkTests(OutboundCase):
+    """Replies Postfix's sink cannot give, from the scriptable sink of the tests."""
+
+    @defer.inlineCallbacks
+    def test_a_deferred_recipient_is_retried_alone(self):
+        local = yield self.start_local(retry_schedule=["1s"])
+        sink = yield start_sink(self, SINK, port=self.port,
+                                rcpt={"later@sink.test": "450 4.2.1 Mailbox busy"})
+        qid = yield self.submit(["now@sink.test", "later@sink.test"], "in two goes")
+        yield self.until(lambda: len(sink.delivered) == 1, "the first delivery")
+        yield self.until(lambda: "dsn=4.2.1, status=deferred" in local.log(), "the deferral")
+        sink.script.rcpt = {}
+        yield self.until(lambda: len(sink.delivered) == 2, "the second delivery")
+        yield self.until(lambda: not local.queue_ids(), "the queue to empty")
+        first, second = sink.delivered
+        self.assertEqual(first.accepted, ["now@sink.test"])
+        self.assertEqual([r[0] for r in second.rcpts], ["later@sink.test"])
+        for tx in (first, second):
+            self.assertEqual(tx.sender, "alice@example.test")
+            self.assertIn(b"Subject: in two goes", tx.data)
+        self.assertRegex(local.log(), rf"{qid}: to=<later@sink\.test>, relay=mx\.sink\.test\S*, "
+                                      r"delay=[\d.]+, dsn=2\.\d\.\d, status=sent")
+        self.assertEqual(self.notices(), [])
+        self.assertClean()
+
+    @defer.inlineCallbacks
+    def test_one_connection_carries_consecutive_messages(self):
+        local = yield self.start_local()
+        sink = yield start_sink(self, SINK, port=self.port)
+        for n in range(4):
+            yield self.submit([f"r{n}@sink.test"], f"pooled {n}")
+            yield self.until(lambda: len(sink.delivered) == n + 1, f"delivery {n}")
+        yield self.until(lambda: not local.queue_ids(), "the queue to empty")
+        # An idle connection is kept a few seconds and reused: one EHLO in all.
+        self.assertEqual(len(sink.connections), 1)
+        conn = sink.connections[0]
+        self.assertEqual([tx.accepted for tx in conn.transactions],
+                         [[f"r{n}@sink.test"] for n in range(4)])
+        self.assertEqual([line.split()[0].upper() for line in conn.lines()
+                          if line.split()[0].upper() in ("EHLO", "HELO")], ["EHLO"])
+        self.assertClean()
+
+    @defer.inlineCallbacks
+    def test_refused_data_bounces_every_recipient(self):
+        local = yield self.start_local()
+        sink = yield start_sink(self, SINK, port=self.port,
+                                eod="554 5.7.1 Message content refused")
+        qid = yield self.submit(["one@sink.test", "two@sink.test"], "refused content")
+        yield self.until(lambda: len(self.notices()) == 1, "the bounce")
+        yield self.until(lambda: not local.queue_ids(), "the queue to empty")
+        self.assertEqual(len(sink.transactions), 1)
+        _msg, per_message, recipients, returned = dsn_parts(self.notices()[0])
+        self.assertEqual(per_message["X-Queue-ID"], qid)
+        self.assertEqual([b["Final-Recipient"] for b in recipients],
+                         ["rfc822; one@sink.test", "rfc822; two@sink.test"])
+        for block in recipients:
+            self.assertFailedRecipient(block, block["Final-Recipient"][8:], "5.7.1",
+                                       r"^smtp; 554 5\.7\.1 Message content refused$",
+                                       "mx.sink.test")
+        self.assertEqual(returned.get_payload()[0]["Subject"], "refused content")
+        self.assertClean()
+
+    @defer.inlineCallbacks
+    def test_busy_greeting_moves_on_to_the_next_mx(self):
+        self.dns.set("busy.test", "MX", [(10, "mx1.busy.test"), (20, "mx2.busy.test")])
+        self.dns.set("mx1.busy.test", "A", [BUSY])
+        self.dns.set("mx2.busy.test", "A", [SINK])
+        local = yield self.start_local()
+        busy = yield start_sink(self, BUSY, port=self.port,
+                                greeting="421 4.3.2 Service not available, try later")
+        sink = yield start_sink(self, SINK, port=self.port)
+        qid = yield self.submit(["someone@busy.test"], "past a busy host")
+        yield self.until(lambda: len(sink.delivered) == 1, "delivery at the second MX")
+        yield self.until(lambda: not local.queue_ids(), "the queue to empty")
+        self.assertEqual(len(busy.connections), 1)
+        self.assertEqual(busy.transactions, [])
+        self.assertRegex(local.log(), rf"{qid}: to=<someone@busy\.test>, relay=mx2\.busy\.test"
+                                      r"\S*, delay=[\d.]+, dsn=2\.\d\.\d, status=sent")
+        self.assertClean()
+
+
+class ReturnPathTests(OutboundCase):
+    """Notices travel out like any mail, from the null sender, and never loop."""
+
+    def mx_send(self, sender, rcpts, subject, body="hello from outside"):
+        """A message into our MX port (127.0.0.2), as another MTA would send it."""
+        msg = f"From: <{sender}>\r\nTo: {', '.join(rcpts)}\r\nSubject: {subject}\r\n\r\n{body}\r\n"
+
+        def send():
+            with smtplib.SMTP(LOCAL, self.port, timeout=30) as s:
+                s.ehlo("mx.outside.test")
+                s.sendmail(sender, rcpts, msg)
+        return threads.deferToThread(send)
+
+    @defer.inlineCallbacks
+    def test_bounce_of_a_forward_goes_back_to_the_remote_sender(self):
+        # carol@example.test forwards to carol@elsewhere.test: a null MX.
+        self.dns.set("elsewhere.test", "MX", [(0, ".")])
+        local = yield self.start_local()
+        remote = yield self.start_remote()
+        yield self.mx_send("rita@remote.test", ["carol@example.test"], "for carol")
+        yield self.until(lambda: len(self.notices("rita", remote, "remote.test")) == 1, "the bounce at rita's",
+                         app=remote)
+        yield self.until(lambda: not local.queue_ids(), "our queue to empty")
+        raw = remote.messages("rita", "remote.test")[0]
+        # It came from the null sender, through our outbound path.
+        self.assertTrue(raw.startswith(b"Return-Path: <>\n"), raw[:200])
+        msg, per_message, recipients, returned = dsn_parts(raw)
+        self.assertEqual(msg["From"], "Mail Delivery System <MAILER-DAEMON@mx.example.test>")
+        self.assertEqual(msg["To"], "<rita@remote.test>")
+        self.assertRegex(msg["Received"], r"^from mx\.example\.test \(\[127\.0\.0\.\d+\]\)")
+        self.assertEqual(per_message["Reporting-MTA"], "dns; mx.example.test")
+        (block,) = recipients
+        self.assertEqual((block["Final-Recipient"], block["Action"], block["Status"]),
+                         ("rfc822; carol@elsewhere.test", "failed", "5.1.10"))
+        self.assertEqual(returned.get_payload()[0]["Subject"], "for carol")
+        self.assertRegex(local.log(), r"to=<rita@remote\.test>, relay=mx\.remote\.test\S*, "
+                                      r"delay=[\d.]+, dsn=2\.\d\.\d, status=sent")
+        self.assertClean(local, remote)
+
+    @defer.inlineCallbacks
+    def test_undeliverable_bounce_goes_to_the_postmaster_once(self):
+        # The sender's domain takes no mail either: its bounce fails in
+        # turn, and that failure goes to our postmaster (alice has the
+        # postmaster@ address), once, and nothing more.
+        self.dns.set("elsewhere.test", "MX", [(0, ".")])
+        local = yield self.start_local()
+        yield self.mx_send("someone@nullmx.test", ["carol@example.test"], "double bounce")
+        yield self.until(lambda: len(self.notices()) == 1, "the postmaster's copy")
+        yield self.until(lambda: not local.queue_ids(), "the queue to empty")
+        msg, _per_message, recipients, returned = dsn_parts(self.notices()[0])
+        self.assertEqual(msg["To"], "<postmaster@example.test>")
+        self.assertEqual(msg["Subject"], "Postmaster Copy: Undelivered Mail Returned to Sender")
+        (block,) = recipients
+        self.assertEqual((block["Final-Recipient"], block["Action"], block["Status"]),
+                         ("rfc822; someone@nullmx.test", "failed", "5.1.10"))
+        # What is returned is the first bounce, which returns the original.
+        self.assertEqual(returned.get_content_type(), "message/rfc822")
+        first_bounce = returned.get_payload()[0]
+        self.assertEqual(first_bounce["Subject"], "Undelivered Mail Returned to Sender")
+        self.assertIn("Subject: double bounce", first_bounce.as_string())
+        # Stable: nothing else is made of it.
+        yield wait_until(lambda: False, timeout=1.5, what="nothing").addErrback(lambda f: None)
+        self.assertEqual(len(self.notices()), 1)
+        self.assertEqual(local.queue_ids(), [])
+        self.assertClean()
+
+    @defer.inlineCallbacks
+    def test_body_arrives_unchanged_through_dot_stuffing(self):
+        local = yield self.start_local()
+        remote = yield self.start_remote()
+        body = ("first line\r\n.leading dot\r\n..two dots\r\n.\r\n"
+                ". \r\n" + "x" * 990 + "\r\nlast line")
+        yield self.submit(["rita@remote.test"], "transparency", body=body)
+        yield self.until(lambda: len(remote.messages("rita", "remote.test")) == 1,
+                         "delivery at the remote appliance", app=remote)
+        yield self.until(lambda: not local.queue_ids(), "our queue to empty")
+        raw = remote.messages("rita", "remote.test")[0]
+        self.assertTrue(raw.endswith(b"\n\n" + body.replace("\r\n", "\n").encode() + b"\n"),
+                        raw[-300:])
+        self.assertClean(local, remote)
+
+
+class TLSPolicyTests(OutboundCase):
+    """Outbound STARTTLS as [delivery] tls_policy asks, between real servers."""
+
+    @defer.inlineCallbacks
+    def test_verified_tls_to_the_remote_appliance(self):
+        remote = yield self.start_remote()
+        # The remote's self-signed certificate (for mx.remote.test) is our CA.
+        ca = os.path.join(remote.data_dir, "tls", "cert.pem")
+        local = yield self.start_local(tls_policy={"remote.test": "verify"}, tls_ca_file=ca)
+        qid = yield self.submit(["rita@remote.test"], "verified")
+        yield self.until(lambda: len(remote.messages("rita", "remote.test")) == 1,
+                         "delivery at the remote appliance", app=remote)
+        yield self.until(lambda: not local.queue_ids(), "our queue to empty")
+        self.assertIn("mx.remote.test[127.0.0.3]:%d: TLS started (verified" % self.port,
+                      local.log())
+        self.assertRegex(local.log(), rf"{qid}: to=<rita@remote\.test>, relay=mx\.remote\.test"
+                                      r"\S*, delay=[\d.]+, dsn=2\.\d\.\d, status=sent")
+        self.assertClean(local, remote)
+
+    @defer.inlineCallbacks
+    def test_unverifiable_certificate_defers(self):
+        remote = yield self.start_remote()
+        # The system's CAs do not know the remote's certificate.
+        local = yield self.start_local(tls_policy={"remote.test": "verify"})
+        qid = yield self.submit(["rita@remote.test"], "not verified")
+        yield self.until(lambda: f"{qid}: to=<rita@remote.test>" in local.log(), "the attempt")
+        self.assertRegex(local.log(), rf"{qid}: to=<rita@remote\.test>, relay=mx\.remote\.test"
+                                      r"\S*, delay=[\d.]+, dsn=4\.7\.5, status=deferred")
+        self.assertEqual(local.queue_ids(), [qid])
+        self.assertEqual(remote.messages("rita", "remote.test"), [])
+        self.assertNotIn("from=<alice@example.test>", remote.log())
+        self.assertClean(local, remote)
+
+    @defer.inlineCallbacks
+    def test_required_tls_never_falls_back_to_plain_text(self):
+        local = yield self.start_local(tls_policy={"sink.test": "encrypt"})
+        sink = yield self.start_sink()          # smtp-sink offers no STARTTLS
+        qid = yield self.submit(["someone@sink.test"], "secret")
+        yield self.until(lambda: f"{qid}: to=<someone@sink.test>" in local.log(), "the attempt")
+        self.assertRegex(local.log(), rf"{qid}: to=<someone@sink\.test>, relay=mx\.sink\.test"
+                                      r"\S*, delay=[\d.]+, dsn=4\.7\.\d, status=deferred")
+        self.assertEqual(sink.messages(), [])
+        self.assertEqual(local.queue_ids(), [qid])
         self.assertClean()
