@@ -1,14 +1,18 @@
 """Shortcuts on the per-message paths give the same results as the long way:
 the DATA stream's dot-stuffing, the submission fix-ups' generated fields, and
-the cached date of the Received: field."""
+the cached date of the Received: field; and outbound connections that log
+nothing of their own."""
 
 import random
 import re
 from email.utils import formatdate
 
+from twisted.internet import defer, protocol, reactor
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from mailbox_appliance.delivery.smtp_client import DotStuffer
+from mailbox_appliance.delivery import smtp_client
+from mailbox_appliance.delivery.smtp_client import ClientSettings, DotStuffer
 from mailbox_appliance.smtp.fixup import SubmissionFixup
 from mailbox_appliance.smtp.server import message_date
 
@@ -76,3 +80,26 @@ class MessageDateTests(unittest.TestCase):
     def test_same_as_formatdate(self):
         for t in (0, 1.5, 1.999, 2, 1767225600.25, 1767225600.75, 1767225601, 1700000000):
             self.assertEqual(message_date(t), formatdate(t, localtime=True), t)
+
+
+class QuietConnectTests(unittest.TestCase):
+    """An outbound connection logs no "Starting/Stopping factory" lines."""
+
+    @defer.inlineCallbacks
+    def test_no_factory_lines(self):
+        server = protocol.ServerFactory.forProtocol(protocol.Protocol)
+        server.noisy = False
+        port = reactor.listenTCP(0, server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        settings = ClientSettings(helo_name="me.test", connect_timeout=5, command_timeout=5,
+                                  data_timeout=5)
+        session = yield smtp_client.connect(reactor, settings, "mx.test", "127.0.0.1",
+                                            port.getHost().port)
+        # The greeting that never came fails with the abort.
+        session.proto.greeting.addErrback(lambda f: f.trap(smtp_client.ConnectionBroken))
+        yield session.abort("done")
+        texts = [formatEvent(e) for e in events]
+        self.assertFalse([t for t in texts if "factory" in t.lower()], texts)

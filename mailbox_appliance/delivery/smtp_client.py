@@ -943,6 +943,8 @@ def connect(reactor, settings: ClientSettings, host: str, address: str, port: in
     endpoint = cls(reactor, address, port, timeout=settings.connect_timeout + 30)
     factory = protocol.Factory.forProtocol(
         lambda: SMTPClientProtocol(reactor, settings.command_timeout))
+    # Not two "Starting/Stopping factory" log lines around every connection.
+    factory.noisy = False
     d = endpoint.connect(factory)
     timed_out = []
 
