@@ -442,8 +442,8 @@ class QueueManager(Service):
                     remote_mta=last.get("remote_mta", ""),
                     from_remote=bool(last.get("from_remote")))))
                 self._log_status(qmsg, env.recipients[idx], env.recipients[idx],
-                                 RecipientResult(BOUNCED, "4.4.7",
-                                                 "4.4.7 message expired: " + reason))
+                                 RecipientResult(BOUNCED, enhanced,
+                                                 "message expired; last error: " + reason))
             elif age >= self.warn_after and idx not in qmsg.warned:
                 delays.append((idx, env.recipients[idx], RecipientResult(
                     DEFERRED, last.get("enhanced") or "4.0.0",
