@@ -40,6 +40,9 @@ ZONE = {
     "many.test": {"MX": [(i, f"h{i}.many.test") for i in range(15)]},
     "xn--caf-dma.test": {"MX": [(10, "mx1.ext.test")]},
     "badaddr.test": {"MX": [(10, "zero.badaddr.test")]},
+    # Binary labels are possible in DNS: such an MX host is no host at all.
+    "hostile.test": {"MX": [(10, "evil\r\nx.hostile.test"), (20, "bad name.hostile.test"),
+                            (30, "ok.dangling.test")]},
     "zero.badaddr.test": {"A": ["0.0.0.0", "224.0.0.1", "127.0.0.8"]},
 }
 for i in range(15):
@@ -181,6 +184,11 @@ class FailureTests(MXTestBase):
     @defer.inlineCallbacks
     def test_dangling_hosts_skipped(self):
         hosts = yield self.mx.resolve("dangling.test")
+        self.assertEqual([h.name for h in hosts], ["ok.dangling.test"])
+
+    @defer.inlineCallbacks
+    def test_hosts_with_unusable_names_are_skipped(self):
+        hosts = yield self.mx.resolve("hostile.test")
         self.assertEqual([h.name for h in hosts], ["ok.dangling.test"])
 
     @defer.inlineCallbacks

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import re
 import socket
 from dataclasses import dataclass
 
@@ -86,8 +87,20 @@ def _usable(ip: str) -> bool:
                 (a.version == 4 and a == ipaddress.IPv4Address("255.255.255.255")))
 
 
+_HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*$")
+
+
 def _name(payload_name) -> str:
-    return payload_name.name.decode("ascii", "replace").rstrip(".").lower()
+    """A host name from a DNS answer, or "" when it is not a usable one.
+
+    DNS labels are binary: a name with spaces, CR/LF or other bytes would
+    reach log lines and TLS name checks, so it is taken as no name at all
+    (an MX that points to nothing).
+    """
+    name = payload_name.name.decode("ascii", "replace").rstrip(".").lower()
+    if not name or len(name) > 253 or not _HOST_NAME.match(name):
+        return ""
+    return name
 
 
 class MXResolver:

@@ -401,8 +401,17 @@ class RemoteDelivery:
             self._connections.release()
         session.proto.on_lost.append(lost)
         try:
-            yield session.open(level, lambda verify: self.tls_client.creator(host.name, verify),
-                               self.auth)
+            try:
+                yield session.open(level,
+                                   lambda verify: self.tls_client.creator(host.name, verify),
+                                   self.auth)
+            except SessionError:
+                raise
+            except Exception as e:
+                # Anything else (a name the TLS layer refuses, say) ends this
+                # session like a failed one, not the whole delivery.
+                raise SessionError("4.4.2", f"4.4.2 session failed: "
+                                   f"{smtp_client.clean_text(str(e), 200)}")
         except SessionError as e:
             if not session.proto.closing:
                 session.abort("failed")
