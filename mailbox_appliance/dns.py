@@ -155,7 +155,10 @@ class CachingResolver(common.ResolverBase):
 
     def forget(self, domain):
         """Forget the answers about ``domain`` and the names under it."""
-        name = dns.domainString(domain).lower().rstrip(b".")
+        try:
+            name = dns.domainString(domain).lower().rstrip(b".")
+        except UnicodeError:
+            return          # not a name that could have been asked about
         suffix = b"." + name
         for key in [k for k in self._entries if k[0] == name or k[0].endswith(suffix)]:
             del self._entries[key]

@@ -202,6 +202,15 @@ class CachingResolverTests(unittest.TestCase):
         self.cache.clear()
         self.assertEqual(len(self.cache), 0)
 
+    def test_forget_names_that_are_not_names(self):
+        # Flush targets come from the administrator and ETRN: whatever IDNA
+        # cannot encode was never asked about, and is no error.
+        self.upstream.set("d.test", "A", ([a_record("d.test", "192.0.2.1", 600)], [], []))
+        self.lookup("d.test")
+        for target in ("a..b", "x" * 300, "\udcff.test", "", "."):
+            self.cache.forget(target)
+        self.assertEqual(len(self.cache), 1)
+
     def test_no_timers(self):
         self.upstream.set("h.test", "A", ([a_record("h.test", "192.0.2.1", 60)], [], []))
         self.lookup()
