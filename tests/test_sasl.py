@@ -149,8 +149,10 @@ class FixupTests(unittest.TestCase):
 
     def test_body_without_empty_line(self):
         out, _ = self.run_fixup(b"Subject: s\r\nthis is body text\r\n")
+        # An empty line is put in, so the body cannot be read as more header.
         self.assertEqual(out, b"Subject: s\r\nMessage-ID: <id@mx>\r\n"
-                              b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nthis is body text\r\n")
+                              b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\n"
+                              b"this is body text\r\n")
 
     def test_empty_message(self):
         self.assertEqual(self.run_fixup(b"")[0], b"Message-ID: <id@mx>\r\n"
