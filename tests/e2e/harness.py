@@ -31,6 +31,16 @@ def child_env():
     return env
 
 
+def greets(address, port):
+    """True when an SMTP server answers 220 there (then leaves politely)."""
+    with socket.create_connection((address, port), timeout=2) as s:
+        s.settimeout(5)
+        if s.recv(100).startswith(b"220"):
+            s.sendall(b"QUIT\r\n")
+            return True
+    return False
+
+
 def run_twistd(config_path, timeout=30):
     """Run twistd once in the foreground (for configurations that must fail)."""
     return subprocess.run(TWISTD + ["-n", "--pidfile=", "mailappliance", "--config", config_path],
@@ -101,12 +111,8 @@ class ApplianceProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"appliance exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                with socket.create_connection((self.smtp_interface, self.smtp_port),
-                                              timeout=2) as s:
-                    s.settimeout(5)
-                    if s.recv(100).startswith(b"220"):
-                        s.sendall(b"QUIT\r\n")
-                        return self
+                if greets(self.smtp_interface, self.smtp_port):
+                    return self
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError("appliance did not start:\n" + self.log())
@@ -215,11 +221,8 @@ class PostfixSink:
             if self.proc.poll() is not None:
                 raise RuntimeError("smtp-sink exited: " + self.proc.stderr.read().decode())
             try:
-                with socket.create_connection((self.address, self.port), timeout=2) as s:
-                    s.settimeout(5)
-                    if s.recv(100).startswith(b"220"):
-                        s.sendall(b"QUIT\r\n")
-                        return self
+                if greets(self.address, self.port):
+                    return self
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("smtp-sink did not start")

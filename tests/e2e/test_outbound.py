@@ -28,7 +28,6 @@ import re
 import shutil
 import smtplib
 import socket
-import ssl
 import subprocess
 
 from twisted.internet import defer, threads
@@ -78,13 +77,6 @@ sn: Remote
 mail: rita@remote.test
 userPassword: rita-secret
 """
-
-
-def tls_context():
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def common_port(addresses):
@@ -192,7 +184,7 @@ class OutboundCase(unittest.TestCase):
 
         def send():
             with smtplib.SMTP("127.0.0.1", app.ports["submission"], timeout=30) as s:
-                s.starttls(context=tls_context())
+                s.starttls(context=client_context())
                 s.login(*login)
                 code, text = s.mail(sender, list(mail_options))
                 self.assertEqual(code, 250, text)
