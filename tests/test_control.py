@@ -65,10 +65,16 @@ def exchange(path, data, lines, timeout=10):
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(timeout)
         s.connect(path)
-        s.sendall(data)
+        try:
+            s.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass        # the server answered and closed first (busy, say): read that
         got = b""
         while got.count(b"\n") < lines:
-            chunk = s.recv(65536)
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
             if not chunk:
                 break
             got += chunk
