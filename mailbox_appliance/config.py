@@ -154,6 +154,74 @@ class SubmissionConfig:
 
 
 @dataclass(frozen=True)
+class ConnectionControlConfig:
+    """``[antispam.connection]``: rate and concurrency limits, greet pause, bad RCPTs."""
+
+    greet_pause: str = "0s"
+    max_connections_per_ip: int = 20
+    max_connection_rate: int = 60
+    rate_window: str = "60s"
+    bad_rcpt_throttle: int = 3
+    bad_rcpt_limit: int = 20
+
+
+@dataclass(frozen=True)
+class HeloCheckConfig:
+    """``[antispam.helo]``: what a HELO/EHLO name must be."""
+
+    reject_invalid: bool = True
+    reject_our_name: bool = True
+    require_resolvable: bool = False
+
+
+@dataclass(frozen=True)
+class DNSCheckConfig:
+    """``[antispam.dns]``: sender MX, reverse DNS and block lists."""
+
+    check_sender_mx: bool = True
+    require_rdns: str = "off"           # off | tempfail | reject
+    dnsbl: tuple = ()
+    rhsbl: tuple = ()
+    timeout: str = "10s"
+
+
+@dataclass(frozen=True)
+class SPFCheckConfig:
+    """``[antispam.spf]``: RFC 7208 checks of the envelope sender."""
+
+    enabled: bool = True
+    fail: str = "reject"                # reject | tag
+    permerror: str = "tag"              # reject | tag
+
+
+@dataclass(frozen=True)
+class GreylistConfig:
+    """``[antispam.greylist]``: milter-greylist style triplets."""
+
+    enabled: bool = True
+    delay: str = "5m"
+    retry_window: str = "4h"
+    auto_whitelist: str = "36d"
+    dnsbl_delay: str = "12h"
+    dnsbl: tuple = ()
+    whitelist_networks: tuple = ()
+    whitelist_senders: tuple = ()
+    whitelist_recipients: tuple = ()
+    whitelist_spf_pass: bool = False
+
+
+@dataclass(frozen=True)
+class AntispamConfig:
+    """``[antispam.*]``: the checks at the door (``antispam/``)."""
+
+    connection: ConnectionControlConfig = field(default_factory=ConnectionControlConfig)
+    helo: HeloCheckConfig = field(default_factory=HeloCheckConfig)
+    dns: DNSCheckConfig = field(default_factory=DNSCheckConfig)
+    spf: SPFCheckConfig = field(default_factory=SPFCheckConfig)
+    greylist: GreylistConfig = field(default_factory=GreylistConfig)
+
+
+@dataclass(frozen=True)
 class SMTPConfig:
     """The ``[smtp]`` section: protocol limits of the SMTP listeners."""
 
@@ -190,6 +258,7 @@ class Config:
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
     imap: IMAPConfig = field(default_factory=IMAPConfig)
+    antispam: AntispamConfig = field(default_factory=AntispamConfig)
 
     @property
     def data_dir(self) -> str:
@@ -213,7 +282,10 @@ _SECTIONS = {
     "submission": SubmissionConfig,
     "smtp": SMTPConfig,
     "imap": IMAPConfig,
+    "antispam": AntispamConfig,
 }
+# Sections made of sub-tables only: [antispam.connection], [antispam.helo], ...
+_NESTED = {"antispam"}
 
 # Keys naming files, resolved against the config file's folder.
 _PATH_KEYS = {("server", "data_dir"), ("tls", "certificate"), ("tls", "key"),
@@ -263,29 +335,20 @@ def from_dict(raw: dict, path: str) -> Config:
                               + ", ".join(f"[{s}]" for s in _SECTIONS))
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: [{name}]: expected a table, got {value!r}")
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, v in value.items():
-            where = f"{path}: [{name}] {key}"
-            if key not in hints:
-                raise ConfigError(f"{path}: unknown key '{key}' in [{name}]; expected one of "
-                                  + ", ".join(f.name for f in dataclasses.fields(cls)))
-            _check_type(where, v, hints[key])
-            if hints[key] is tuple:
-                for item in v:
-                    if not isinstance(item, str):
-                        raise ConfigError(f"{where}: expected a list of strings, got {item!r}")
-                v = tuple(v)
-            elif hints[key] is dict:
-                for k, item in v.items():
-                    if not isinstance(item, str):
-                        raise ConfigError(f"{where}: expected a table of strings, "
-                                          f"got {k} = {item!r}")
-                v = {k.lower(): item for k, item in v.items()}
-            if (name, key) in _PATH_KEYS and v:
-                v = os.path.normpath(os.path.join(base, v))
-            kwargs[key] = v
-        sections[name] = cls(**kwargs)
+        if name in _NESTED:
+            parts = {}
+            subs = typing.get_type_hints(cls)
+            for sub, subvalue in value.items():
+                if sub not in subs:
+                    raise ConfigError(f"{path}: unknown section [{name}.{sub}]; expected one of "
+                                      + ", ".join(f"[{name}.{f}]" for f in subs))
+                if not isinstance(subvalue, dict):
+                    raise ConfigError(f"{path}: [{name}.{sub}]: expected a table, "
+                                      f"got {subvalue!r}")
+                parts[sub] = _section(path, base, f"{name}.{sub}", subs[sub], subvalue)
+            sections[name] = cls(**parts)
+            continue
+        sections[name] = _section(path, base, name, cls, value)
     if "server" not in sections or not any(
             f == "data_dir" for f in raw.get("server", {})):
         srv = sections.get("server", ServerConfig())
@@ -294,6 +357,33 @@ def from_dict(raw: dict, path: str) -> Config:
     cfg = Config(path=path, **sections)
     _validate(cfg)
     return cfg
+
+
+def _section(path, base, name, cls, value):
+    """One table of the file as its dataclass, every key and type checked."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, v in value.items():
+        where = f"{path}: [{name}] {key}"
+        if key not in hints:
+            raise ConfigError(f"{path}: unknown key '{key}' in [{name}]; expected one of "
+                              + ", ".join(f.name for f in dataclasses.fields(cls)))
+        _check_type(where, v, hints[key])
+        if hints[key] is tuple:
+            for item in v:
+                if not isinstance(item, str):
+                    raise ConfigError(f"{where}: expected a list of strings, got {item!r}")
+            v = tuple(v)
+        elif hints[key] is dict:
+            for k, item in v.items():
+                if not isinstance(item, str):
+                    raise ConfigError(f"{where}: expected a table of strings, "
+                                      f"got {k} = {item!r}")
+            v = {k.lower(): item for k, item in v.items()}
+        if (name, key) in _PATH_KEYS and v:
+            v = os.path.normpath(os.path.join(base, v))
+        kwargs[key] = v
+    return cls(**kwargs)
 
 
 def _validate(cfg: Config) -> None:
@@ -407,6 +497,7 @@ def _validate(cfg: Config) -> None:
     if dl.postmaster and "@" not in dl.postmaster:
         raise ConfigError(f"{p}: [delivery] postmaster: expected an address, "
                           f"got {dl.postmaster!r}")
+    _validate_antispam(p, cfg.antispam)
     if cfg.smtp.max_recipients < 100:
         raise ConfigError(f"{p}: [smtp] max_recipients: expected at least 100 (RFC 5321 4.5.3.1.8)")
     positive = [(s, f.name) for s in ("smtp", "imap") for f in dataclasses.fields(getattr(cfg, s))]
@@ -425,6 +516,40 @@ def _validate(cfg: Config) -> None:
             if getattr(values, f.name) <= 0:
                 raise ConfigError(f"{p}: [{section}] {f.name}: expected a positive number, "
                                   f"got {getattr(values, f.name)}")
+
+
+def _validate_antispam(p, a):
+    durations = [("connection", "greet_pause"), ("connection", "rate_window"),
+                 ("dns", "timeout"), ("greylist", "delay"), ("greylist", "retry_window"),
+                 ("greylist", "auto_whitelist"), ("greylist", "dnsbl_delay")]
+    for sub, key in durations:
+        try:
+            parse_duration(getattr(getattr(a, sub), key))
+        except ValueError:
+            raise ConfigError(f"{p}: [antispam.{sub}] {key}: expected a duration like \"5m\"")
+    c = a.connection
+    for key in ("max_connections_per_ip", "max_connection_rate", "bad_rcpt_throttle",
+                "bad_rcpt_limit"):
+        if getattr(c, key) <= 0:
+            raise ConfigError(f"{p}: [antispam.connection] {key}: expected a positive number")
+    if a.dns.require_rdns not in ("off", "tempfail", "reject"):
+        raise ConfigError(f"{p}: [antispam.dns] require_rdns: expected off, tempfail or reject, "
+                          f"got {a.dns.require_rdns!r}")
+    for key, value in (("fail", a.spf.fail), ("permerror", a.spf.permerror)):
+        if value not in ("reject", "tag"):
+            raise ConfigError(f"{p}: [antispam.spf] {key}: expected reject or tag, "
+                              f"got {value!r}")
+    for sub, key in (("dns", "dnsbl"), ("dns", "rhsbl"), ("greylist", "dnsbl")):
+        for zone in getattr(getattr(a, sub), key):
+            if not re.match(r"^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+\.?$", zone):
+                raise ConfigError(f"{p}: [antispam.{sub}] {key}: expected DNS zone names, "
+                                  f"got {zone!r}")
+    for n in a.greylist.whitelist_networks:
+        try:
+            ipaddress.ip_network(n, strict=False)
+        except ValueError:
+            raise ConfigError(f"{p}: [antispam.greylist] whitelist_networks: expected CIDR "
+                              f"networks like \"192.0.2.0/24\", got {n!r}")
 
 
 def _not_a_folder(path):

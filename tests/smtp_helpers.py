@@ -8,6 +8,7 @@ from twisted.internet import defer, reactor, threads
 
 from mailbox_appliance import config as config_module
 from mailbox_appliance.appliance import Appliance
+from tests.e2e.harness import ANTISPAM_OFF
 from tests.fakes import FakeDirectory
 
 
@@ -97,7 +98,7 @@ def write_config(tmpdir, extra="", domains=("example.test",), lmtp=False, listen
             timeout = 2
             [delivery]
             retry_schedule = ["1h"]
-            """) + extra)
+            """) + (extra if "[antispam" in extra else extra + ANTISPAM_OFF))
     return path
 
 

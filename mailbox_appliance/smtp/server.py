@@ -513,6 +513,7 @@ class SMTPServerProtocol(Protocol):
             s.body_8bit = body_8bit
             s.ret, s.envid = ret, envid
             self._reply(250, "2.1.0", "Ok")
+        s.trace_headers = []        # what checks add at MAIL is for this transaction
         return then(self.factory.policy.run("mail", s, path), answered)
 
     def _mail_params(self, params):
@@ -616,6 +617,10 @@ class SMTPServerProtocol(Protocol):
                        eight_bit=s.body_8bit)
         self._incoming = inc = self.factory.spool.new_message(env)
         inc.write_header()
+        # Header fields the policy checks asked for (Received-SPF,
+        # Authentication-Results, ...) go on top, then our Received:.
+        for field in self.session.trace_headers:
+            inc.write(field.encode("ascii", "replace"))
         inc.write(self._received_header(inc.qid).encode("ascii", "replace"))
         self._filter = self._message_filter(inc.qid)
         self._mode = DATA

@@ -21,6 +21,7 @@ class SessionState:
     sender: object = None           # address.Path
     recipients: list = field(default_factory=list)   # address.Path
     body_8bit: bool = False
+    trace_headers: list = field(default_factory=list)   # "Name: value\r\n" each
     # DSN (RFC 3461) of the transaction: RET and ENVID of MAIL, and per
     # recipient (aligned with ``recipients``) NOTIFY and ORCPT, "" if not given.
     ret: str = ""
@@ -32,7 +33,20 @@ class SessionState:
     def may_relay(self) -> bool:
         return self.trusted or bool(self.authenticated)
 
+    def add_trace_header(self, name, value):
+        """A header field for the message of this transaction, above our Received:.
+
+        ``value`` may be folded with CRLF + white space; any other CR, LF or
+        NUL is dropped (it must not start a header of its own).
+        """
+        lines = [l.replace("\r", "").replace("\n", "").replace("\x00", "")
+                 for l in value.split("\r\n")]
+        value = "\r\n".join([lines[0]] + [l if l[:1] in (" ", "\t") else " " + l
+                                            for l in lines[1:] if l])
+        self.trace_headers.append(f"{name}: {value}\r\n")
+
     def reset_transaction(self):
+        self.trace_headers = []
         self.sender = None
         self.recipients = []
         self.body_8bit = False
