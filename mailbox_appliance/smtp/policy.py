@@ -18,6 +18,12 @@ from zope.interface import implementer
 from mailbox_appliance.interfaces import DirectoryUnavailable, IPolicyCheck
 
 STAGES = ("connect", "helo", "mail", "rcpt", "data", "eod")
+# Notifications: the receiver tells the checks what happened, their answers
+# are ignored (``PolicyChain.notify``). "disconnect" when a connection ends,
+# however it ended (refused at connect included): argument None.
+# "rcpt_refused" after a RCPT was answered 5xx by the chain: argument
+# (recipient Path, Verdict).
+NOTIFICATIONS = ("disconnect", "rcpt_refused")
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,25 @@ class PolicyChain:
         lookups), and with a Deferred only when some check has to wait.
         """
         return self._run_from(0, stage, session, argument)
+
+    def notify(self, stage, session, argument):
+        """Tell every check of ``stage`` about an event; their answers are ignored.
+
+        Unlike ``run`` nothing stops the round: every check that keeps state
+        about the session (a connection count, a delay timer) must hear it.
+        """
+        for check in list(self.checks):
+            if stage not in check.stages:
+                continue
+            try:
+                result = check.check(stage, session, argument)
+            except Exception:
+                self.log.failure("policy check {name} failed at {stage}", Failure(),
+                                 name=check.name, stage=stage)
+                continue
+            if isinstance(result, defer.Deferred):
+                result.addErrback(lambda f, name=check.name: self.log.failure(
+                    "policy check {name} failed at {stage}", f, name=name, stage=stage))
 
     def _run_from(self, i, stage, session, argument):
         checks = self.checks

@@ -132,6 +132,8 @@ class SMTPServerProtocol(Protocol):
         peer = self.transport.getPeer()
         self.session.client_ip = getattr(peer, "host", "")
         self.session.client_port = getattr(peer, "port", 0)
+        # The local address the client reached (HELO checks: "you are not me").
+        self.session.server_ip = getattr(self.transport.getHost(), "host", "")
         self.session.trusted = self.factory.is_trusted(self.session.client_ip)
         self._reset_timer()
         self._deadline = self.reactor.callLater(self.factory.config.smtp.session_deadline,
@@ -142,8 +144,18 @@ class SMTPServerProtocol(Protocol):
             r.addErrback(self._internal_error)
 
     def _greet(self, verdict):
+        if self._mode == CLOSING:
+            return          # the client left while a check was deciding
         if verdict is not None:
             self._reply_verdict(verdict)
+            self._close()
+            return
+        if self._buf and self.session.listener == "smtp":
+            # The client talked while the greeting was held (a greet pause or
+            # a slow check): a bot that does not wait for answers. Not on the
+            # submission ports, where some MUAs do talk first.
+            self.log.warn("[{ip}] talked before the greeting", ip=self.session.client_ip)
+            self._reply(554, "5.5.0", "Error: SMTP protocol synchronization", False)
             self._close()
             return
         self._reply(220, None, f"{self.factory.hostname} {self.protocol_name} mailbox_appliance")
@@ -151,6 +163,9 @@ class SMTPServerProtocol(Protocol):
 
     def connectionLost(self, reason):
         self._mode = CLOSING
+        # Checks that keep state per connection (counts, timers) let it go,
+        # also when the connection was refused at connect.
+        self.factory.policy.notify("disconnect", self.session, None)
         for t in (self._timer, self._deadline):
             if t is not None and t.active():
                 t.cancel()
@@ -223,6 +238,9 @@ class SMTPServerProtocol(Protocol):
 
     def _reply_verdict(self, verdict: Verdict):
         self._reply(verdict.code, verdict.enhanced, verdict.text)
+        if verdict.code == 421:
+            # RFC 5321 3.8: 421 says the service is closing the channel.
+            self._close()
 
     def _internal_error(self, failure):
         self.log.failure("internal error in SMTP session", failure)
@@ -576,6 +594,9 @@ class SMTPServerProtocol(Protocol):
 
         def answered(verdict):
             if verdict is not None:
+                if verdict.code >= 500:
+                    # Unknown users and the like: counted (dictionary attacks).
+                    self.factory.policy.notify("rcpt_refused", s, (path, verdict))
                 return self._reply_verdict(verdict)
             s.recipients.append(path)
             s.notify.append(notify)
