@@ -251,6 +251,34 @@ class ChecksTests(unittest.TestCase):
                           cs[3].throttle, cs[3].limit), (5, 120, 3, 6, 4, 9))
 
 
+class NotifyTests(unittest.TestCase):
+    """PolicyChain.notify: every check of the stage hears it, whatever the others do."""
+
+    def test_all_hear_it(self):
+        heard = []
+
+        class Check:
+            stages = frozenset({"disconnect"})
+
+            def __init__(self, name, answer):
+                self.name, self.answer = name, answer
+
+            def check(self, stage, session, argument):
+                heard.append(self.name)
+                if self.answer == "crash":
+                    raise RuntimeError("boom")
+                return self.answer
+
+        class Other(Check):
+            stages = frozenset({"connect"})
+        chain = PolicyChain([Check("a", Verdict(554, "5.7.1", "no")), Check("b", "crash"),
+                             Other("c", None), Check("d", defer.fail(RuntimeError("later"))),
+                             Check("e", None)])
+        self.assertIsNone(chain.notify("disconnect", session(), None))
+        self.assertEqual(heard, ["a", "b", "d", "e"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
+
 class _NoQueue:
     def submit(self, qmsg):
         raise AssertionError("nothing should be queued")
