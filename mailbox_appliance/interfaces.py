@@ -49,7 +49,8 @@ class IPolicyCheck(Interface):
 
     name = Attribute("Short name used in logs.")
     stages = Attribute("The stages this check runs at: a set of "
-                       "'connect', 'helo', 'mail', 'rcpt', 'data', 'eod'.")
+                       "'connect', 'helo', 'mail', 'rcpt', 'data', 'eod', and the "
+                       "notifications 'disconnect' and 'rcpt_refused' (answers ignored).")
 
     def check(stage, session, argument):
         """Judge one stage of a session.

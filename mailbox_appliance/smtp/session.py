@@ -11,6 +11,7 @@ class SessionState:
 
     client_ip: str = ""
     client_port: int = 0
+    server_ip: str = ""             # the local address the client connected to
     listener: str = "smtp"          # smtp, submission, submissions, lmtp
     trusted: bool = False           # client in relay_networks
     helo: str = ""

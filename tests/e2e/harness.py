@@ -25,6 +25,11 @@ ANTISPAM_OFF = """
 [antispam.connection]
 max_connections_per_ip = 100000
 max_connection_rate = 1000000
+bad_rcpt_throttle = 100000
+bad_rcpt_limit = 100000
+[antispam.helo]
+reject_invalid = false
+reject_our_name = false
 [antispam.dns]
 check_sender_mx = false
 [antispam.spf]
