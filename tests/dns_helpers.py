@@ -16,6 +16,10 @@ at all (the client times out). Everything can be changed while running
 (``set``, ``remove``, the two sets), and ``queries`` lists every question
 asked as (name, type) - e.g. to check that no lookup happened.
 
+``held`` holds names, or (name, type) pairs, whose answers wait until
+``release()`` (a delay under the test's control, no timing); ``delays`` maps
+names or pairs to seconds to wait on the server's reactor before answering.
+
 UDP and TCP listen on the same port, as resolvers expect.
 """
 
@@ -62,13 +66,18 @@ def _record(rtype: str, value):
 class FakeDNS:
     """Zone data and scripted failures, answered by a real DNS server."""
 
-    def __init__(self, records=None, servfail=(), silent=()):
+    def __init__(self, records=None, servfail=(), silent=(), held=(), delays=None):
         self.records = {}
         for name, types in (records or {}).items():
             for rtype, values in types.items():
                 self.set(name, rtype, values)
         self.servfail = set(servfail)
         self.silent = set(silent)
+        self.held = set(held)
+        self.delays = dict(delays or {})
+        self._holding = []          # (name, type, send) of held answers
+        self._reactor = None
+        self._delayed = []
         self.queries = []
         self.server = ""            # "127.0.0.1:PORT" once started
         self.port = None
@@ -83,6 +92,30 @@ class FakeDNS:
     def remove(self, name):
         """Make ``name`` not exist (NXDOMAIN)."""
         self.records.pop(_norm(name), None)
+
+    def release(self, which=None):
+        """Send the held answers (of one name or (name, type), or all); how many."""
+        keep, sent = [], 0
+        for name, rtype, send in self._holding:
+            if which is None or which == name or which == (name, rtype):
+                send()
+                sent += 1
+            else:
+                keep.append((name, rtype, send))
+        self._holding = keep
+        return sent
+
+    def _send(self, name, rtype, send):
+        """Answer now, later (``delays``) or when released (``held``)."""
+        if self._failing(self.held, name, rtype):
+            self._holding.append((name, rtype, send))
+            return
+        delay = self.delays.get((name, rtype), self.delays.get(name))
+        if delay:
+            self._delayed = [c for c in self._delayed if c.active()]
+            self._delayed.append(self._reactor.callLater(delay, send))
+        else:
+            send()
 
     def _failing(self, kind, name, rtype):
         return name in kind or (name, rtype) in kind
@@ -116,6 +149,7 @@ class FakeDNS:
         """Listen on 127.0.0.1 (UDP and TCP, one port); fires with "127.0.0.1:PORT"."""
         if reactor is None:
             from twisted.internet import reactor
+        self._reactor = reactor
         factory = _Factory(self)
         for _ in range(50):
             tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
@@ -133,6 +167,12 @@ class FakeDNS:
         raise RuntimeError("no free port for the fake DNS server")
 
     def stop(self):
+        # Delayed answers still on the clock are dropped with the server.
+        self._holding = []
+        if self._reactor is not None:
+            for call in list(self._delayed):
+                if call.active():
+                    call.cancel()
         ports, self._ports = self._ports, []
         return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
 
@@ -157,16 +197,18 @@ class _Factory(server.DNSServerFactory):
                                recDes=message.recDes, recAv=1, auth=1, rCode=rcode)
         response.queries = message.queries
         response.answers = answers
-        if address is None:
-            protocol.writeMessage(response)         # TCP
-        else:
-            protocol.writeMessage(response, address)
+        def send():
+            if address is None:
+                protocol.writeMessage(response)         # TCP
+            else:
+                protocol.writeMessage(response, address)
+        self.fake._send(_norm(query.name.name), rtype, send)
 
 
 @defer.inlineCallbacks
-def start_fake_dns(testcase, records=None, servfail=(), silent=()):
+def start_fake_dns(testcase, records=None, servfail=(), silent=(), held=(), delays=None):
     """Start a FakeDNS for ``testcase`` (stopped at cleanup); fires with it."""
-    fake = FakeDNS(records, servfail=servfail, silent=silent)
+    fake = FakeDNS(records, servfail=servfail, silent=silent, held=held, delays=delays)
     yield fake.start()
     testcase.addCleanup(fake.stop)
     return fake

@@ -17,9 +17,10 @@ quoted (sanitised and bounded) in the reply.
 What is not a listing: an answer outside 127/8 (a zone that has stopped
 working and answers everything with some address), 127.255.255.0/24
 (Spamhaus' codes for a refused query: an open resolver, a blocked user, an
-over-quota account - never a listing, whatever the rest says), and
-127.0.0.1, which no list uses as a listing code and several return for
-errors or test queries; NXDOMAIN and NODATA; SERVFAIL, refusals and
+over-quota account - never a listing, and an answer carrying one is not a
+listing whatever else it says), and 127.0.0.1, which no list uses as a
+listing code and several return for errors or test queries (treated as an
+error code too); NXDOMAIN and NODATA; SERVFAIL, refusals and
 timeouts (logged as a warning). A DNS problem never refuses mail.
 
 All zones are asked in parallel and the whole round ends at
@@ -335,7 +336,11 @@ class Blocklists:
         answers, authority, _ = result
         codes = tuple(rr.payload.dottedQuad() for rr in answers if rr.type == dns.A)
         ours = tuple(c for c in codes if ipaddress.ip_address(c) in LISTING_NET)
-        listing = tuple(c for c in ours if is_listing_code(c))
+        # One error code makes the whole answer a failed query: the other
+        # codes of a list that refuses us cannot be trusted either.
+        refused = any(ipaddress.ip_address(c) in ERROR_NET or
+                      ipaddress.ip_address(c) in ERROR_CODES for c in ours)
+        listing = () if refused else tuple(c for c in ours if is_listing_code(c))
         if not codes:
             self._store(key, _negative_ttl(authority), NOT_LISTED)
             return NOT_LISTED
