@@ -7,8 +7,9 @@ deadlines and TTLs are advanced by the tests, never waited for.
 
 import dataclasses
 import ipaddress
+import socket
 
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
@@ -23,6 +24,7 @@ from mailbox_appliance.smtp.address import Path
 from mailbox_appliance.smtp.session import SessionState
 from tests.dns_helpers import start_fake_dns
 from tests.sink_helpers import ClockedReactor
+from tests.smtp_helpers import ApplianceMixin, RawClient
 
 V6 = "2001:db8::1"
 V6_NAME = ".".join(reversed(ipaddress.ip_address(V6).exploded.replace(":", "")))
@@ -67,7 +69,6 @@ def warnings(testcase):
 
 
 def settle():
-    from twisted.internet import reactor
     return task.deferLater(reactor, 0.01, lambda: None)
 
 
@@ -557,7 +558,6 @@ class ChecksTests(unittest.TestCase):
             cfg.antispam, dns=dataclasses.replace(cfg.antispam.dns, **d)))
 
     def names(self, module, **d):
-        from twisted.internet import reactor
         return [c.name for c in module.checks(self.config(**d), reactor, None)]
 
     def test_enabled(self):
@@ -570,9 +570,124 @@ class ChecksTests(unittest.TestCase):
         self.assertEqual(self.names(rdns, require_rdns="reject"), ["require_rdns"])
 
     def test_shared_blocklists(self):
-        from twisted.internet import reactor
         state = {}
         cfg = self.config(dnsbl=("bl.test",))
         a = dnsbl.blocklists(cfg, reactor, None, state)
         self.assertIs(dnsbl.checks(cfg, reactor, None, state)[0].blocklists, a)
         self.assertEqual(a.timeout, 10)
+
+
+# Every door check of the configuration off: the tests add what they are about.
+_INERT = """
+[antispam.connection]
+max_connections_per_ip = 100000
+max_connection_rate = 1000000
+bad_rcpt_throttle = 1000
+bad_rcpt_limit = 1000
+[antispam.helo]
+reject_invalid = false
+reject_our_name = false
+[antispam.dns]
+check_sender_mx = false
+[antispam.spf]
+enabled = false
+[antispam.greylist]
+enabled = false
+"""
+
+
+def client_from(port, source):
+    """A RawClient whose connection comes from ``source`` (another loopback address)."""
+    c = RawClient.__new__(RawClient)
+    c.sock = socket.create_connection(("127.0.0.1", port), timeout=10,
+                                      source_address=(source, 0))
+    c.buf = b""
+    return c
+
+
+class ReceiverTests(ApplianceMixin, unittest.TestCase):
+    """The block list and sender MX checks on the MX port of a running appliance."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.fake = yield start_fake_dns(self, {
+            "2.0.0.127.bl.test": {"A": ["127.0.0.2"], "TXT": ["Spam source\r\n250 ok"]},
+            "3.0.0.127.bl.test": {"A": ["127.255.255.254"]},
+            "good.test": {"MX": [(10, "mx.good.test")]},
+            "mx.good.test": {"A": ["192.0.2.25"]},
+            "nullmx.test": {"MX": [(0, ".")]},
+        }, servfail={"4.0.0.127.bl.test", "broken.test"})
+        yield self.start_appliance(extra=_INERT, listeners=("submission",))
+        cfg = config_module.Config(dns=config_module.DNSConfig(servers=(self.fake.server,),
+                                                               timeout=2))
+        resolver = dns.make_resolver(reactor, cfg)
+        lists = Blocklists(resolver, reactor, 5)
+        self.app.policy.add(SenderMX(resolver, reactor, 5, ("example.test",), TEST_NETWORKS),
+                            first=True)
+        self.app.policy.add(ClientBlocklist(lists, ("bl.test",)))
+        self.app.submission_policy.add(ClientBlocklist(lists, ("bl.test",)))
+
+    def talk(self, source, sender="joe@good.test", port=None):
+        c = client_from(port or self.port, source)
+        try:
+            c.code()
+            c.cmd("EHLO client.example.org")
+            mail = c.cmd(f"MAIL FROM:<{sender}>")
+            if mail[0] != 250:
+                return mail, None, None
+            rcpt = c.cmd("RCPT TO:<bob@example.test>")
+            data = c.cmd("DATA")
+            if data[0] == 354:
+                c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
+                data = c.reply()
+            c.cmd("QUIT")
+            return mail, rcpt, data
+        finally:
+            c.close()
+
+    @defer.inlineCallbacks
+    def test_listed_client_refused_at_rcpt(self):
+        mail, rcpt, data = yield self.in_thread(self.talk, "127.0.0.2")
+        self.assertEqual(mail[0], 250)
+        self.assertEqual(f"{rcpt[0]} {rcpt[1][0]}",
+                         "554 5.7.1 Service unavailable; client [127.0.0.2] blocked using "
+                         "bl.test; Spam source 250 ok")
+        self.assertNotEqual(data[0], 250)
+        yield self.settle()
+        self.assertEqual(self.queue_files(), [])
+        self.assertEqual(self.delivered("bob"), [])
+
+    @defer.inlineCallbacks
+    def test_errors_and_unlisted_clients_accepted(self):
+        # Not listed, a Spamhaus error code, a SERVFAIL.
+        for source in ("127.0.0.1", "127.0.0.3", "127.0.0.4"):
+            mail, rcpt, data = yield self.in_thread(self.talk, source)
+            self.assertEqual((rcpt[0], data[0]), (250, 250), source)
+        yield self.settle()
+        self.assertEqual(len(self.delivered("bob")), 3)
+
+    @defer.inlineCallbacks
+    def test_sender_domain_refused_at_mail(self):
+        mail, _, _ = yield self.in_thread(self.talk, "127.0.0.1", "joe@nullmx.test")
+        self.assertEqual(f"{mail[0]} {mail[1][0]}",
+                         "550 5.7.27 <joe@nullmx.test>: Sender address rejected: Domain "
+                         "nullmx.test does not accept mail (nullMX)")
+        mail, _, _ = yield self.in_thread(self.talk, "127.0.0.1", "joe@broken.test")
+        self.assertEqual(mail[0], 451)
+        yield self.settle()
+        self.assertEqual(self.queue_files(), [])
+        self.assertEqual(self.delivered("bob"), [])
+
+    @defer.inlineCallbacks
+    def test_submission_port_not_checked(self):
+        def talk():
+            c = client_from(self.ports["submission"], "127.0.0.2")
+            try:
+                c.code()
+                c.cmd("EHLO client.example.org")
+                return c.cmd("MAIL FROM:<joe@good.test>")[0]
+            finally:
+                c.close()
+        code = yield self.in_thread(talk)
+        self.assertIn(code, (250, 530))     # whatever submission says, no 554
+        self.assertEqual([q for q in self.fake.queries if "bl.test" in q[0]], [])
