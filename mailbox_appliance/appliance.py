@@ -165,11 +165,14 @@ class Appliance(service.MultiService):
         # One Authenticator for every front end that takes passwords: failed
         # logins over SMTP AUTH slow down IMAP and POP3 guesses too.
         self.authenticator = Authenticator(directory, reactor)
-        self.policy = PolicyChain([
+        from mailbox_appliance.antispam.registry import build_checks, submission_checks
+        door, door_after = build_checks(config, reactor, self.resolver,
+                                        getattr(self, "state", None))
+        self.policy = PolicyChain(door + [
             RelayAccess(domains),
             RecipientExists(directory, domains),
             HopCount(config.smtp.max_received_headers),
-        ])
+        ] + door_after)
         if config.listen.smtp:
             factory = SMTPServerFactory(reactor, config, self.policy, self.spool, self.queue,
                                         tls_context=self.tls_context)
@@ -185,6 +188,8 @@ class Appliance(service.MultiService):
             self._listen("lmtp", config.listen.lmtp, factory)
         # Both submission ports share one policy and one failed-login count.
         self.submission_policy = submission_policy(config, directory, domains)
+        for check in reversed(submission_checks(door)):
+            self.submission_policy.add(check, first=True)
         limiter = AuthFailureLimiter(reactor, config.submission.max_auth_failures_per_minute)
         for name, implicit in (("submission", False), ("submissions", True)):
             description = getattr(config.listen, name)

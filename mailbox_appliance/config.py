@@ -183,6 +183,11 @@ class DNSCheckConfig:
     dnsbl: tuple = ()
     rhsbl: tuple = ()
     timeout: str = "10s"
+    # A sender domain whose MX hosts all sit in these networks cannot take
+    # replies ("bad MX"); a loopback lab may empty the list.
+    bad_mx_networks: tuple = ("0.0.0.0/8", "10.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16",
+                              "172.16.0.0/12", "192.168.0.0/16", "::1/128", "::/128",
+                              "fc00::/7", "fe80::/10")
 
 
 @dataclass(frozen=True)
@@ -544,6 +549,12 @@ def _validate_antispam(p, a):
             if not re.match(r"^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+\.?$", zone):
                 raise ConfigError(f"{p}: [antispam.{sub}] {key}: expected DNS zone names, "
                                   f"got {zone!r}")
+    for n in a.dns.bad_mx_networks:
+        try:
+            ipaddress.ip_network(n, strict=False)
+        except ValueError:
+            raise ConfigError(f"{p}: [antispam.dns] bad_mx_networks: expected CIDR networks, "
+                              f"got {n!r}")
     for n in a.greylist.whitelist_networks:
         try:
             ipaddress.ip_network(n, strict=False)

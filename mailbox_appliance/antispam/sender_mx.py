@@ -185,10 +185,12 @@ class SenderMX:
         return refuse(self.name, session, 553, "5.1.8", f"{who} Domain not found")
 
 
-def checks(config, reactor, resolver, state=None, unreachable=UNREACHABLE_NETWORKS):
+def checks(config, reactor, resolver, state=None, unreachable=None):
     """[SenderMX] when ``[antispam.dns] check_sender_mx`` is on."""
     d = config.antispam.dns
     if not d.check_sender_mx:
         return []
+    if unreachable is None:
+        unreachable = tuple(ipaddress.ip_network(n, strict=False) for n in d.bad_mx_networks)
     return [SenderMX(resolver, reactor, parse_duration(d.timeout), config.server.domains,
                      unreachable)]
