@@ -261,21 +261,18 @@ def count_entries(conn):
 class SQLiteStateStore(service.Service):
     """``IStateStore`` on an SQLite file, every query in one thread of its own.
 
-    ``clock`` paces the expiry sweep (``expire_every`` seconds) and gives its
-    "now"; ``reactor`` (default: ``clock``) receives the results from the
-    thread. They differ only in tests (a Clock for time, the real reactor
-    for the thread). Besides each sweep, the cap is enforced every
+    ``reactor`` receives the results from the thread and paces the expiry
+    sweep (every ``expire_every`` seconds; its ``seconds()`` is "now").
+    Besides each sweep, the cap is enforced every
     ``max_entries // 100`` writes, so between sweeps the table can pass it
     by at most 1% (a COUNT per write would cost a scan each time).
     """
 
     name = "state"
 
-    def __init__(self, path, clock, reactor=None, max_entries=MAX_ENTRIES,
-                 expire_every=EXPIRE_EVERY):
+    def __init__(self, path, reactor, max_entries=MAX_ENTRIES, expire_every=EXPIRE_EVERY):
         self.path = path
-        self.clock = clock
-        self.reactor = reactor if reactor is not None else clock
+        self.reactor = reactor
         self.max_entries = max_entries
         self.expire_every = expire_every
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="state-sqlite")
@@ -295,7 +292,7 @@ class SQLiteStateStore(service.Service):
             self._opened = self._run(self._open_in_thread)
             self._opened.addErrback(self._open_failed)
             self._sweep = task.LoopingCall(self._tick)
-            self._sweep.clock = self.clock
+            self._sweep.clock = self.reactor
             # The first sweep at start clears what expired while we were down.
             self._sweep.start(self.expire_every, now=True)
         return self._opened
@@ -390,13 +387,13 @@ class SQLiteStateStore(service.Service):
         """One sweep (the LoopingCall's); a failure is logged, never raised.
 
         Fires when the sweep is done. The LoopingCall does not wait for it
-        (its pace stays the clock's); a sweep still running when the next
+        (its pace stays the reactor's); a sweep still running when the next
         is due is not doubled, the next one is skipped.
         """
         if self._sweeping:
             return defer.succeed(0)
         self._sweeping = True
-        d = self.greylist_expire(self.clock.seconds())
+        d = self.greylist_expire(self.reactor.seconds())
 
         def done(deleted):
             if deleted:
