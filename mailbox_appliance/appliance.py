@@ -130,6 +130,10 @@ class Appliance(service.MultiService):
         self.directory = directory
 
         domains = config.server.domains
+        # Greylist triplets and other state that must outlive a restart.
+        from mailbox_appliance.state import SQLiteStateStore
+        self.state = SQLiteStateStore(os.path.join(data_dir, "state.sqlite3"), reactor)
+        self.state.setServiceParent(self)
         # Accepting mail must not wait behind deliveries: each side has its
         # own disk thread. They are not child services because they must
         # outlive every service that still has disk work in flight.
@@ -166,8 +170,9 @@ class Appliance(service.MultiService):
         # logins over SMTP AUTH slow down IMAP and POP3 guesses too.
         self.authenticator = Authenticator(directory, reactor)
         from mailbox_appliance.antispam.registry import build_checks, submission_checks
+        # A dict: the checks share what they keep there (the block-list cache).
         door, door_after = build_checks(config, reactor, self.resolver,
-                                        getattr(self, "state", None))
+                                        {"store": self.state})
         self.policy = PolicyChain(door + [
             RelayAccess(domains),
             RecipientExists(directory, domains),

@@ -10,7 +10,7 @@ apply to the submission ports.
 
 from __future__ import annotations
 
-from mailbox_appliance.antispam import connection, dnsbl, helo, rdns, sender_mx
+from mailbox_appliance.antispam import connection, dnsbl, greylist, helo, rdns, sender_mx
 
 # Checks that also guard the authenticated ports.
 SUBMISSION_CHECKS = frozenset({"ratecontrol", "conncontrol"})
@@ -22,7 +22,7 @@ def build_checks(config, reactor, resolver, state=None):
     for module in (connection, helo, rdns, sender_mx):
         before += module.checks(config, reactor, resolver, state)
     after = []
-    for module in (dnsbl,):
+    for module in (dnsbl, greylist):
         after += module.checks(config, reactor, resolver, state)
     return before, after
 
