@@ -175,7 +175,11 @@ def evaluate(lookups, ip, sender, helo, receiver, budget):
     try:
         q = pyspf.query(i=ip, s=sender, h=helo, receiver=receiver, querytime=budget)
         result, _code, explanation = q.check()
-        problem = getattr(q, "prob", "") or ""
+        problem = ""
+        if result in ("permerror", "temperror"):
+            # pyspf's text names the term at fault ("...: moo"), its .prob not.
+            problem = explanation.split(": ", 1)[1] if ": " in explanation else explanation
+            explanation = ""
         if result == "fail" and explanation == pyspf.EXPLANATIONS["fail"]:
             explanation = ""        # pyspf's default: ours reads better
         return Outcome(result, printable(explanation), printable(problem))

@@ -1,0 +1,411 @@
+"""The SPF check (RFC 7208) against a loopback DNS server.
+
+pyspf resolves through dnspython in the reactor's thread pool, asking the
+fake DNS of ``tests/dns_helpers.py``; the deadline runs on a Clock
+(``ClockedReactor``), so timeouts are advanced by the tests, never waited for.
+"""
+
+import threading
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from mailbox_appliance import config as config_module
+from mailbox_appliance.antispam import spf
+from mailbox_appliance.antispam.spf import SPFCheck
+from mailbox_appliance.smtp.address import Path
+from mailbox_appliance.smtp.policy import Verdict
+from mailbox_appliance.smtp.session import SessionState
+from tests.dns_helpers import start_fake_dns
+from tests.sink_helpers import ClockedReactor
+
+CLIENT = "192.0.2.1"
+RECEIVER = "mail.example.test"
+
+ZONE = {
+    "pass.test": {"TXT": ["v=spf1 ip4:192.0.2.0/24 -all"], "A": ["198.51.100.9"]},
+    "fail.test": {"TXT": ["v=spf1 ip4:198.51.100.1 -all"]},
+    "exp.test": {"TXT": ["v=spf1 -all exp=why.exp.test"]},
+    "why.exp.test": {"TXT": ["%{i} is not one of %{d}'s hosts\r\n250 OK\x00"]},
+    "soft.test": {"TXT": ["v=spf1 ip4:198.51.100.1 ~all"]},
+    "neutral.test": {"TXT": ["v=spf1 ?all"]},
+    "nospf.test": {"TXT": ["some other text record"], "A": ["198.51.100.2"]},
+    "syntax.test": {"TXT": ["v=spf1 moo -all"]},
+    "quote.test": {"TXT": ['v=spf1 x(y)"\\z -all']},
+    "two.test": {"TXT": ["v=spf1 -all", "v=spf1 +all"]},
+    # Lookup limits (RFC 7208 4.6.4).
+    "many.test": {"TXT": ["v=spf1 " + " ".join(f"include:i{n}.many.test" for n in range(1, 12))
+                          + " -all"]},
+    "ten.test": {"TXT": ["v=spf1 " + " ".join(f"include:i{n}.many.test" for n in range(1, 10))
+                         + " ip4:192.0.2.1 -all"]},
+    "loop.test": {"TXT": ["v=spf1 include:loop.test -all"]},
+    "loopa.test": {"TXT": ["v=spf1 include:loopb.test -all"]},
+    "loopb.test": {"TXT": ["v=spf1 include:loopa.test -all"]},
+    "void3.test": {"TXT": ["v=spf1 a:v1.void.test a:v2.void.test a:v3.void.test -all"]},
+    "void2.test": {"TXT": ["v=spf1 a:v1.void.test a:v2.void.test -all"]},
+    "mx20.test": {"TXT": ["v=spf1 mx -all"],
+                  "MX": [(n, f"mx{n}.mx20.test") for n in range(20)]},
+    "mx2.test": {"TXT": ["v=spf1 mx -all"], "MX": [(10, "mx.mx2.test")]},
+    "mx.mx2.test": {"A": [CLIENT]},
+    # The HELO identity of a null sender.
+    "mta.helo.test": {"TXT": ["v=spf1 ip4:192.0.2.1 -all"]},
+    "bad.helo.test": {"TXT": ["v=spf1 -all"]},
+    "broken-include.test": {"TXT": ["v=spf1 include:broken.test -all"]},
+}
+for _n in range(1, 12):
+    ZONE[f"i{_n}.many.test"] = {"TXT": ["v=spf1 ip4:198.51.100.1 -all"]}
+for _n in range(20):
+    ZONE[f"mx{_n}.mx20.test"] = {"A": ["198.51.100.3"]}
+
+SERVFAIL = {"broken.test"}
+
+
+def sender(address):
+    if address == "":
+        return Path(null=True)
+    local, _, domain = address.rpartition("@")
+    return Path(local=local, domain=domain)
+
+
+def settle():
+    return task.deferLater(reactor, 0.01, lambda: None)
+
+
+@defer.inlineCallbacks
+def until(predicate):
+    """Let the real reactor run until ``predicate()`` (threads, loopback answers)."""
+    for _ in range(500):
+        if predicate():
+            return
+        yield settle()
+    raise AssertionError("condition never met")
+
+
+class SPFTestBase(unittest.TestCase):
+    """A fake DNS, an SPF check asking it, a Clock for the deadline."""
+
+    held = ()
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.fake = yield start_fake_dns(self, ZONE, servfail=SERVFAIL, held=self.held)
+        self.reactor = ClockedReactor()
+        self.spf = self.make_check()
+
+    def make_check(self, **kw):
+        host, _, port = self.fake.server.partition(":")
+        kw.setdefault("timeout", 10)
+        return SPFCheck(self.reactor, [(host, int(port))], receiver=RECEIVER, **kw)
+
+    def session(self, **kw):
+        kw.setdefault("client_ip", CLIENT)
+        kw.setdefault("helo", "client.example")
+        return SessionState(**kw)
+
+    @defer.inlineCallbacks
+    def mail(self, address, check=None, **kw):
+        """(verdict or None, session) of MAIL FROM:<address>."""
+        s = self.session(**kw)
+        result = (check or self.spf).check("mail", s, sender(address))
+        if isinstance(result, defer.Deferred):
+            result = yield result
+        return result, s
+
+    def assertAccepted(self, verdict, session, result):
+        self.assertIsNone(verdict)
+        self.assertEqual(session.spf_result, result)
+        self.assertEqual([h.split(":")[0] for h in session.trace_headers],
+                         ["Received-SPF", "Authentication-Results"])
+        self.assertTrue(session.trace_headers[0].startswith(f"Received-SPF: {result} ("))
+        self.assertIn(f"; spf={result} ", session.trace_headers[1])
+
+    def assertRefused(self, verdict, session, code, enhanced, text=None):
+        self.assertIsInstance(verdict, Verdict)
+        self.assertEqual((verdict.code, verdict.enhanced), (code, enhanced))
+        if text is not None:
+            self.assertEqual(verdict.text, text)
+        self.assertEqual(session.trace_headers, [])
+
+
+class ResultTests(SPFTestBase):
+
+    @defer.inlineCallbacks
+    def test_pass_and_its_headers(self):
+        verdict, s = yield self.mail("user@pass.test")
+        self.assertAccepted(verdict, s, "pass")
+        self.assertEqual(s.trace_headers, [
+            "Received-SPF: pass (mail.example.test: domain of user@pass.test designates "
+            "192.0.2.1 as permitted sender)\r\n"
+            '\tclient-ip=192.0.2.1; envelope-from="user@pass.test"; helo=client.example; '
+            "receiver=mail.example.test; identity=mailfrom\r\n",
+            "Authentication-Results: mail.example.test; spf=pass "
+            "smtp.mailfrom=user@pass.test\r\n"])
+
+    @defer.inlineCallbacks
+    def test_fail_rejected(self):
+        verdict, s = yield self.mail("user@fail.test")
+        self.assertRefused(verdict, s, 550, "5.7.23",
+                           "<user@fail.test>: SPF fail: 192.0.2.1 is not allowed to send "
+                           "mail for fail.test")
+        self.assertEqual(s.spf_result, "fail")
+
+    @defer.inlineCallbacks
+    def test_fail_explanation_of_the_domain_sanitised(self):
+        verdict, s = yield self.mail("user@exp.test")
+        # exp= text with macros expanded; its CR LF NUL cannot start a reply line.
+        self.assertRefused(verdict, s, 550, "5.7.23",
+                           "<user@exp.test>: SPF fail: 192.0.2.1 is not one of exp.test's "
+                           "hosts 250 OK")
+
+    @defer.inlineCallbacks
+    def test_fail_tagged(self):
+        verdict, s = yield self.mail("user@fail.test", check=self.make_check(fail="tag"))
+        self.assertAccepted(verdict, s, "fail")
+        self.assertEqual(s.trace_headers[0],
+                         "Received-SPF: fail (mail.example.test: domain of user@fail.test does "
+                         "not designate 192.0.2.1 as permitted sender)\r\n"
+                         '\tclient-ip=192.0.2.1; envelope-from="user@fail.test"; '
+                         "helo=client.example; receiver=mail.example.test; "
+                         "identity=mailfrom\r\n")
+
+    @defer.inlineCallbacks
+    def test_softfail_accepted(self):
+        verdict, s = yield self.mail("user@soft.test")
+        self.assertAccepted(verdict, s, "softfail")
+        self.assertIn("domain of transitioning user@soft.test does not designate",
+                      s.trace_headers[0])
+
+    @defer.inlineCallbacks
+    def test_neutral_accepted(self):
+        verdict, s = yield self.mail("user@neutral.test")
+        self.assertAccepted(verdict, s, "neutral")
+
+    @defer.inlineCallbacks
+    def test_none_without_a_record(self):
+        for address in ("user@nospf.test", "user@nxdomain.test"):
+            verdict, s = yield self.mail(address)
+            self.assertAccepted(verdict, s, "none")
+            self.assertIn(f"domain of {address} does not provide an SPF record",
+                          s.trace_headers[0])
+
+    @defer.inlineCallbacks
+    def test_none_without_asking_for_literals_and_single_labels(self):
+        for address in ("user@[192.0.2.9]", "user@localhost"):
+            verdict, s = yield self.mail(address)
+            self.assertAccepted(verdict, s, "none")
+        self.assertEqual(self.fake.queries, [])
+
+    @defer.inlineCallbacks
+    def test_servfail_is_temperror_451(self):
+        for address in ("user@broken.test", "user@broken-include.test"):
+            verdict, s = yield self.mail(address)
+            self.assertRefused(verdict, s, 451, "4.7.24", "SPF temporary error, try again")
+            self.assertEqual(s.spf_result, "temperror")
+
+    @defer.inlineCallbacks
+    def test_servfail_never_5xx_even_in_reject_modes(self):
+        check = self.make_check(fail="reject", permerror="reject")
+        verdict, s = yield self.mail("user@broken.test", check=check)
+        self.assertEqual(verdict.code, 451)
+
+    @defer.inlineCallbacks
+    def test_mx_mechanism_passes(self):
+        verdict, s = yield self.mail("user@mx2.test")
+        self.assertAccepted(verdict, s, "pass")
+
+    @defer.inlineCallbacks
+    def test_ipv4_mapped_client_is_ipv4(self):
+        verdict, s = yield self.mail("user@pass.test", client_ip="::ffff:192.0.2.1")
+        self.assertAccepted(verdict, s, "pass")
+        self.assertIn("client-ip=192.0.2.1;", s.trace_headers[0])
+
+    @defer.inlineCallbacks
+    def test_ipv6_client_quoted_in_header(self):
+        verdict, s = yield self.mail("user@fail.test", client_ip="2001:db8::1",
+                                    check=self.make_check(fail="tag"))
+        self.assertAccepted(verdict, s, "fail")
+        self.assertIn('client-ip="2001:db8::1";', s.trace_headers[0])
+
+
+class PermErrorTests(SPFTestBase):
+
+    @defer.inlineCallbacks
+    def assertPermerror(self, address, problem):
+        verdict, s = yield self.mail(address)
+        self.assertAccepted(verdict, s, "permerror")
+        self.assertIn(problem, s.trace_headers[0])
+        self.assertIn("problem=", s.trace_headers[0])
+        verdict, s = yield self.mail(address, check=self.make_check(permerror="reject"))
+        self.assertRefused(verdict, s, 550, "5.7.24")
+        self.assertTrue(verdict.text.startswith("SPF permanent error: "), verdict.text)
+        self.assertIn(problem, verdict.text)
+        self.assertEqual(s.spf_result, "permerror")
+        return verdict
+
+    def test_eleven_includes(self):
+        return self.assertPermerror("user@many.test", "Too many DNS lookups")
+
+    @defer.inlineCallbacks
+    def test_ten_terms_are_allowed(self):
+        verdict, s = yield self.mail("user@ten.test")
+        self.assertAccepted(verdict, s, "pass")
+
+    def test_self_include(self):
+        return self.assertPermerror("user@loop.test", "include has trivial recursion")
+
+    def test_include_loop(self):
+        return self.assertPermerror("user@loopa.test", "Too many DNS lookups")
+
+    def test_three_void_lookups(self):
+        return self.assertPermerror("user@void3.test", "Void lookup limit of 2 exceeded")
+
+    @defer.inlineCallbacks
+    def test_two_void_lookups_are_allowed(self):
+        verdict, s = yield self.mail("user@void2.test", check=self.make_check(fail="tag"))
+        self.assertAccepted(verdict, s, "fail")
+
+    @defer.inlineCallbacks
+    def test_mx_with_twenty_hosts(self):
+        yield self.assertPermerror("user@mx20.test", "More than 10 MX records returned")
+        # No host of the 20 was looked up.
+        self.assertFalse([q for q in self.fake.queries if q[0].endswith(".mx20.test")])
+
+    def test_syntax_error(self):
+        return self.assertPermerror("user@syntax.test", "Unknown mechanism found: moo")
+
+    @defer.inlineCallbacks
+    def test_problem_text_cannot_break_the_header(self):
+        verdict, s = yield self.mail("user@quote.test")
+        self.assertEqual(s.trace_headers[0],
+                         "Received-SPF: permerror (mail.example.test: permanent error in "
+                         "processing domain of user@quote.test: Unknown mechanism found: "
+                         'xy"z)\r\n'
+                         '\tclient-ip=192.0.2.1; envelope-from="user@quote.test"; '
+                         "helo=client.example; receiver=mail.example.test; identity=mailfrom; "
+                         'problem="Unknown mechanism found: x(y)\\"\\\\z"\r\n')
+
+    def test_two_records(self):
+        return self.assertPermerror("user@two.test", "Two or more type TXT spf records")
+
+
+class NullSenderTests(SPFTestBase):
+
+    @defer.inlineCallbacks
+    def test_helo_identity_checked(self):
+        verdict, s = yield self.mail("", helo="mta.helo.test")
+        self.assertAccepted(verdict, s, "pass")
+        self.assertEqual(s.trace_headers, [
+            "Received-SPF: pass (mail.example.test: domain of postmaster@mta.helo.test "
+            "designates 192.0.2.1 as permitted sender)\r\n"
+            '\tclient-ip=192.0.2.1; envelope-from=""; helo=mta.helo.test; '
+            "receiver=mail.example.test; identity=helo\r\n",
+            "Authentication-Results: mail.example.test; spf=pass smtp.helo=mta.helo.test\r\n"])
+        self.assertIn(("mta.helo.test", "TXT"), self.fake.queries)
+
+    @defer.inlineCallbacks
+    def test_helo_identity_fails(self):
+        verdict, s = yield self.mail("", helo="bad.helo.test")
+        self.assertRefused(verdict, s, 550, "5.7.23",
+                           "<postmaster@bad.helo.test>: SPF fail: 192.0.2.1 is not allowed to "
+                           "send mail for bad.helo.test")
+
+    @defer.inlineCallbacks
+    def test_helo_that_is_no_name_is_none(self):
+        for helo in ("[192.0.2.1]", "localhost", ""):
+            verdict, s = yield self.mail("", helo=helo)
+            self.assertAccepted(verdict, s, "none")
+        self.assertEqual(self.fake.queries, [])
+
+
+class SkipTests(SPFTestBase):
+
+    def test_not_checked(self):
+        for kw in ({"trusted": True}, {"authenticated": "alice"},
+                   {"listener": "submission"}, {"listener": "lmtp"}):
+            s = self.session(**kw)
+            self.assertIsNone(self.spf.check("mail", s, sender("user@fail.test")), kw)
+            self.assertEqual(s.trace_headers, [])
+        self.assertEqual(self.fake.queries, [])
+
+    def test_client_without_ip_address(self):
+        s = self.session(client_ip="unix-socket")
+        self.assertIsNone(self.spf.check("mail", s, sender("user@fail.test")))
+        self.assertEqual(self.fake.queries, [])
+
+    def test_checks_factory(self):
+        cfg = config_module.Config(dns=config_module.DNSConfig(servers=("127.0.0.1:5353",
+                                                                        "[::1]:53")))
+        [check] = spf.checks(cfg, self.reactor, None)
+        self.assertEqual(check.lookups.servers, (("127.0.0.1", 5353), ("::1", 53)))
+        self.assertEqual(check.timeout, 10)
+        self.assertEqual(check.receiver, cfg.server.hostname)
+        self.assertEqual((check.reject_fail, check.reject_permerror), (True, False))
+        self.assertEqual(check.stages, frozenset({"mail"}))
+        off = config_module.Config(antispam=config_module.AntispamConfig(
+            spf=config_module.SPFCheckConfig(enabled=False)))
+        self.assertEqual(spf.checks(off, self.reactor, None), [])
+
+    def test_lookups_never_reach_another_resolver(self):
+        """The hook sends a check's lookups to its own servers, not pyspf's default."""
+        spf.install_dns_hook()
+        self.assertIs(spf.pyspf.DNSLookup, spf._dispatch)
+        # Installing again (a second Appliance) keeps the dispatcher.
+        spf.install_dns_hook()
+        self.assertIsNot(spf._original_lookup, spf._dispatch)
+
+
+class OffTheReactorTests(SPFTestBase):
+    """The evaluation runs in a thread; the reactor answers at the deadline."""
+
+    held = {("pass.test", "TXT")}
+
+    @defer.inlineCallbacks
+    def test_returns_a_deferred_and_runs_in_a_thread(self):
+        seen = []
+        lookups = self.spf.lookups
+
+        def recording(*args):
+            seen.append(threading.current_thread())
+            return lookups(*args)
+        self.spf.lookups = recording
+        s = self.session()
+        d = self.spf.check("mail", s, sender("user@pass.test"))
+        self.assertIsInstance(d, defer.Deferred)
+        yield until(lambda: ("pass.test", "TXT") in self.fake.queries)
+        self.assertFalse(d.called)          # the reactor runs while DNS is out
+        self.fake.release()
+        verdict = yield d
+        self.assertAccepted(verdict, s, "pass")
+        self.assertTrue(seen)
+        self.assertNotIn(threading.main_thread(), seen)
+
+    @defer.inlineCallbacks
+    def test_deadline_is_temperror(self):
+        s = self.session()
+        d = self.spf.check("mail", s, sender("user@pass.test"))
+        yield until(lambda: ("pass.test", "TXT") in self.fake.queries)
+        self.reactor.clock.advance(9)
+        self.assertFalse(d.called)
+        self.reactor.clock.advance(1)
+        verdict = yield d
+        self.assertRefused(verdict, s, 451, "4.7.24", "SPF temporary error, try again")
+        # The late answer changes nothing; the thread ends.
+        self.fake.release()
+        yield until(lambda: self.spf._slots.tokens == self.spf._slots.limit)
+        self.assertEqual(s.trace_headers, [])
+
+    @defer.inlineCallbacks
+    def test_waiting_for_a_thread_counts_against_the_deadline(self):
+        check = self.make_check(max_concurrent=1)
+        first = check.check("mail", self.session(), sender("user@pass.test"))
+        yield until(lambda: ("pass.test", "TXT") in self.fake.queries)
+        s = self.session()
+        second = check.check("mail", s, sender("user@fail.test"))
+        self.assertFalse(second.called)
+        self.reactor.clock.advance(10)
+        verdicts = yield defer.gatherResults([first, second])
+        self.assertEqual([v.code for v in verdicts], [451, 451])
+        self.fake.release()
+        yield until(lambda: check._slots.tokens == 1)
+        # The queued check never ran: its domain was never asked about.
+        self.assertNotIn(("fail.test", "TXT"), self.fake.queries)
