@@ -392,6 +392,10 @@ class SPFCheck:
             return refuse(self.name, session, 550, "5.7.24",
                           f"SPF permanent error: {outcome.problem or 'invalid SPF record'}")
         note(self.name, result)
+        if result in ("fail", "permerror", "softfail"):
+            # Accepted but suspect: the reason goes to the log with the tag.
+            log.info("spf: {result} tagged [{ip}] {identity}: {why}", result=result, ip=ip,
+                     identity=identity, why=outcome.problem or outcome.explanation or "-")
         session.add_trace_header("Received-SPF", received_spf(
             outcome, self.receiver, ip, envelope, helo, identity, kind))
         session.add_trace_header("Authentication-Results", authentication_results(
