@@ -491,12 +491,6 @@ class ReceiverTests(ApplianceMixin, unittest.TestCase):
             b"Authentication-Results: mx.example.test; spf=pass smtp.mailfrom=joe@spf.test"])
         self.assertTrue(head[3].startswith(b"Received: "), head[3])
 
-    # The receiver's MAIL handler calls reset_transaction() after the MAIL
-    # checks have run, which empties the trace headers they added.
-    test_pass_delivered_with_the_headers_on_top.todo = (
-        "smtp/server.py drops the trace headers added at MAIL (reset_transaction "
-        "after the checks)")
-
     @defer.inlineCallbacks
     def test_fail_refused_at_mail_nothing_stored(self):
         mail, _ = yield self.in_thread(self.talk, "127.0.0.3", "joe@spf.test")

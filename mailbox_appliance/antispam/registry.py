@@ -10,7 +10,7 @@ apply to the submission ports.
 
 from __future__ import annotations
 
-from mailbox_appliance.antispam import connection, dnsbl, greylist, helo, rdns, sender_mx
+from mailbox_appliance.antispam import connection, dnsbl, greylist, helo, rdns, sender_mx, spf
 
 # Checks that also guard the authenticated ports.
 SUBMISSION_CHECKS = frozenset({"ratecontrol", "conncontrol"})
@@ -19,7 +19,7 @@ SUBMISSION_CHECKS = frozenset({"ratecontrol", "conncontrol"})
 def build_checks(config, reactor, resolver, state=None):
     """(checks before the recipient checks, checks after them) for the MX."""
     before = []
-    for module in (connection, helo, rdns, sender_mx):
+    for module in (connection, helo, rdns, sender_mx, spf):
         before += module.checks(config, reactor, resolver, state)
     after = []
     for module in (dnsbl, greylist):

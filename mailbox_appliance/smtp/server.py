@@ -526,7 +526,9 @@ class SMTPServerProtocol(Protocol):
         def answered(verdict):
             if verdict is not None:
                 return self._reply_verdict(verdict)
+            headers = s.trace_headers       # added by the checks just now: keep them
             s.reset_transaction()
+            s.trace_headers = headers
             s.sender = path
             s.body_8bit = body_8bit
             s.ret, s.envid = ret, envid
