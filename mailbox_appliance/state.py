@@ -217,7 +217,7 @@ def whitelist_entry(conn, network, sender, recipient, now, until, max_entries=No
 
 def expire_entries(conn, now, max_entries=None):
     with _transaction(conn):
-        deleted = conn.execute("DELETE FROM greylist WHERE expires <= ?", (now,)).rowcount
+        deleted = conn.execute("DELETE FROM greylist WHERE expires < ?", (now,)).rowcount
         if max_entries is not None:
             deleted += _cap(conn, max_entries)
     return deleted

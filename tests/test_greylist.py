@@ -1,0 +1,447 @@
+"""Greylisting at RCPT: the triplet's life, its grouping and case, the whitelists,
+the longer delay of block-listed clients, and a failing store that accepts.
+
+The check runs on a real SQLite state store (its thread answers on the real
+reactor) while time is a Clock (``ClockedReactor``): the delays and windows
+are advanced, never waited for. Block lists are asked of a DNS server on
+loopback (``tests/dns_helpers.py``).
+"""
+
+import os
+import shutil
+import sqlite3
+import tempfile
+
+from twisted.internet import defer
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from mailbox_appliance import config as config_module
+from mailbox_appliance import dns
+from mailbox_appliance.antispam import greylist
+from mailbox_appliance.antispam.greylist import Greylist, client_network, path_text, triplet
+from mailbox_appliance.smtp.address import Path
+from mailbox_appliance.smtp.session import SessionState
+from mailbox_appliance.state import IStateStore, SQLiteStateStore
+from tests.dns_helpers import start_fake_dns
+from tests.sink_helpers import ClockedReactor
+from tests.test_antispam_dns import settle
+
+DELAY, WINDOW, AUTO, DNSBL_DELAY = 300, 4 * 3600, 36 * 86400, 12 * 3600
+ALICE = Path(local="alice", domain="ext.test")
+BOB = Path(local="bob", domain="example.test")
+CAROL = Path(local="carol", domain="example.test")
+
+
+def session(ip="192.0.2.1", sender=ALICE, **kw):
+    return SessionState(client_ip=ip, sender=sender, **kw)
+
+
+def reply(verdict):
+    return None if verdict is None else verdict.reply
+
+
+class StoreMixin:
+
+    timeout = 30
+
+    def make_store(self):
+        self.dir = tempfile.mkdtemp(prefix="grey-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.reactor = ClockedReactor()
+        self.reactor.clock.advance(1_000_000)
+        self.store = SQLiteStateStore(os.path.join(self.dir, "state.sqlite3"), self.reactor)
+        self.addCleanup(self.store.close)
+        return self.store.open()
+
+    def greylist(self, **kw):
+        kw.setdefault("delay", DELAY)
+        kw.setdefault("retry_window", WINDOW)
+        kw.setdefault("auto_whitelist", AUTO)
+        return Greylist(self.store, self.reactor, **kw)
+
+    def advance(self, seconds):
+        self.reactor.clock.advance(seconds)
+
+    def rcpt(self, check, sess, recipient=BOB):
+        return defer.maybeDeferred(check.check, "rcpt", sess, recipient).addCallback(reply)
+
+    def entry(self, ip="192.0.2.1", sender=ALICE, recipient=BOB):
+        return self.store.greylist_get(*triplet(ip, sender, recipient))
+
+
+class TripletLifeTests(StoreMixin, unittest.TestCase):
+
+    def setUp(self):
+        return self.make_store()
+
+    @defer.inlineCallbacks
+    def test_first_sight_then_early_retry_then_pass(self):
+        check = self.greylist()
+        start = self.reactor.seconds()
+        self.assertEqual((yield self.rcpt(check, session())),
+                         "451 4.7.1 Greylisted, try again in 300 seconds")
+        e = yield self.entry()
+        self.assertEqual((e.first_seen, e.attempts, e.passes, e.whitelisted_until),
+                         (start, 1, 0, 0))
+        self.advance(100)
+        self.assertEqual((yield self.rcpt(check, session())),
+                         "451 4.7.1 Greylisted, try again in 200 seconds")
+        e = yield self.entry()
+        # Retrying early does not move the first-seen time.
+        self.assertEqual((e.first_seen, e.attempts, e.last_seen), (start, 2, start + 100))
+        self.advance(200)
+        self.assertIsNone((yield self.rcpt(check, session())))
+        e = yield self.entry()
+        self.assertEqual((e.passes, e.whitelisted_until), (1, start + 300 + AUTO))
+
+    @defer.inlineCallbacks
+    def test_whitelisted_triplet_passes_at_once_and_is_refreshed(self):
+        check = self.greylist()
+        yield self.rcpt(check, session())
+        self.advance(DELAY)
+        self.assertIsNone((yield self.rcpt(check, session())))
+        self.advance(30 * 86400)
+        self.assertIsNone((yield self.rcpt(check, session())))
+        e = yield self.entry()
+        self.assertEqual((e.passes, e.whitelisted_until), (2, self.reactor.seconds() + AUTO))
+        # Still whitelisted 36 days after that refresh (66 after the first pass).
+        self.advance(AUTO - 1)
+        self.assertIsNone((yield self.rcpt(check, session())))
+
+    @defer.inlineCallbacks
+    def test_whitelisting_ends(self):
+        check = self.greylist()
+        yield self.rcpt(check, session())
+        self.advance(DELAY)
+        yield self.rcpt(check, session())
+        self.advance(AUTO + 1)
+        self.assertEqual((yield self.rcpt(check, session())),
+                         "451 4.7.1 Greylisted, try again in 300 seconds")
+        e = yield self.entry()
+        self.assertEqual((e.first_seen, e.whitelisted_until, e.attempts),
+                         (self.reactor.seconds(), 0, 1))
+
+    @defer.inlineCallbacks
+    def test_retry_at_the_end_of_the_window_passes(self):
+        check = self.greylist()
+        yield self.rcpt(check, session())
+        self.advance(DELAY + WINDOW)
+        self.assertIsNone((yield self.rcpt(check, session())))
+
+    @defer.inlineCallbacks
+    def test_retry_after_the_window_is_a_first_sight(self):
+        check = self.greylist()
+        yield self.rcpt(check, session())
+        self.advance(DELAY + WINDOW + 1)
+        self.assertEqual((yield self.rcpt(check, session())),
+                         "451 4.7.1 Greylisted, try again in 300 seconds")
+        e = yield self.entry()
+        self.assertEqual((e.first_seen, e.attempts), (self.reactor.seconds(), 1))
+        self.advance(DELAY)
+        self.assertIsNone((yield self.rcpt(check, session())))
+
+    @defer.inlineCallbacks
+    def test_each_recipient_is_its_own_triplet(self):
+        check = self.greylist()
+        yield self.rcpt(check, session(), BOB)
+        self.advance(DELAY)
+        s = session()
+        self.assertIsNone((yield self.rcpt(check, s, BOB)))
+        self.assertEqual((yield self.rcpt(check, s, CAROL)),
+                         "451 4.7.1 Greylisted, try again in 300 seconds")
+
+    @defer.inlineCallbacks
+    def test_other_sender_is_another_triplet(self):
+        check = self.greylist()
+        yield self.rcpt(check, session())
+        self.advance(DELAY)
+        self.assertIsNotNone((yield self.rcpt(check, session(sender=Path(local="eve",
+                                                                          domain="ext.test")))))
+
+    @defer.inlineCallbacks
+    def test_null_sender(self):
+        check = self.greylist()
+        null = Path(null=True)
+        self.assertIsNotNone((yield self.rcpt(check, session(sender=null))))
+        e = yield self.entry(sender=null)
+        self.assertEqual(e.sender, "")
+        self.advance(DELAY)
+        self.assertIsNone((yield self.rcpt(check, session(sender=null))))
+
+    @defer.inlineCallbacks
+    def test_case_variants_hit_the_same_entry(self):
+        check = self.greylist()
+        yield self.rcpt(check, session(sender=Path(local="Alice", domain="ext.test")),
+                        Path(local="BOB", domain="example.test"))
+        self.advance(DELAY)
+        self.assertIsNone((yield self.rcpt(check, session(sender=Path(local="aLiCe",
+                                                                       domain="ext.test")),
+                                           Path(local="bob", domain="example.test"))))
+        self.assertEqual((yield self.store.greylist_count()), 1)
+        e = yield self.entry()
+        self.assertEqual((e.sender, e.recipient), ("alice@ext.test", "bob@example.test"))
+
+
+class NetworkGroupingTests(StoreMixin, unittest.TestCase):
+
+    def setUp(self):
+        return self.make_store()
+
+    def test_networks(self):
+        self.assertEqual(client_network("192.0.2.77"), "192.0.2.0/24")
+        self.assertEqual(client_network("::ffff:192.0.2.77"), "192.0.2.0/24")
+        self.assertEqual(client_network("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64")
+        self.assertEqual(client_network("fe80::1%eth0"), "fe80::/64")
+        self.assertIsNone(client_network(""))
+        self.assertIsNone(client_network("/run/socket"))
+
+    def test_path_text(self):
+        self.assertEqual(path_text(Path(null=True)), "")
+        self.assertEqual(path_text("<>"), "")
+        self.assertEqual(path_text("<Bob@Example.TEST>"), "bob@example.test")
+        self.assertEqual(path_text(Path(local="Bob", domain="example.test")),
+                         "bob@example.test")
+
+    @defer.inlineCallbacks
+    def test_ipv4_slash_24(self):
+        check = self.greylist()
+        yield self.rcpt(check, session("192.0.2.1"))
+        self.advance(DELAY)
+        # Another server of the same /24 (a sender's outbound pool) retries.
+        self.assertIsNone((yield self.rcpt(check, session("192.0.2.200"))))
+        # An IPv4 client seen on an IPv6 socket is the same network.
+        self.assertIsNone((yield self.rcpt(check, session("::ffff:192.0.2.9"))))
+        self.assertIsNotNone((yield self.rcpt(check, session("192.0.3.1"))))
+
+    @defer.inlineCallbacks
+    def test_ipv6_slash_64(self):
+        check = self.greylist()
+        yield self.rcpt(check, session("2001:db8:1:2::1"))
+        self.advance(DELAY)
+        self.assertIsNone((yield self.rcpt(check, session("2001:db8:1:2:ffff::9"))))
+        self.assertIsNotNone((yield self.rcpt(check, session("2001:db8:1:3::1"))))
+
+    @defer.inlineCallbacks
+    def test_client_without_an_address_is_not_greylisted(self):
+        check = self.greylist()
+        self.assertIsNone((yield self.rcpt(check, session(""))))
+        self.assertEqual((yield self.store.greylist_count()), 0)
+
+
+class WhitelistTests(StoreMixin, unittest.TestCase):
+
+    def setUp(self):
+        return self.make_store()
+
+    @defer.inlineCallbacks
+    def assertPasses(self, check, sess, recipient=BOB):
+        self.assertIsNone((yield self.rcpt(check, sess, recipient)))
+        # Nothing is written for a whitelisted delivery.
+        self.assertEqual((yield self.store.greylist_count()), 0)
+
+    @defer.inlineCallbacks
+    def assertGreylisted(self, check, sess, recipient=BOB):
+        got = yield self.rcpt(check, sess, recipient)
+        self.assertEqual(got, "451 4.7.1 Greylisted, try again in 300 seconds")
+
+    @defer.inlineCallbacks
+    def test_authenticated_trusted_and_other_listeners(self):
+        check = self.greylist()
+        yield self.assertPasses(check, session(authenticated="alice"))
+        yield self.assertPasses(check, session(trusted=True))
+        yield self.assertPasses(check, session(listener="submission"))
+        yield self.assertPasses(check, session(listener="lmtp"))
+
+    @defer.inlineCallbacks
+    def test_networks(self):
+        check = self.greylist(whitelist_networks=("198.51.100.0/24", "2001:db8:9::/48"))
+        yield self.assertPasses(check, session("198.51.100.20"))
+        yield self.assertPasses(check, session("::ffff:198.51.100.20"))
+        yield self.assertPasses(check, session("2001:db8:9:1::5"))
+        yield self.assertGreylisted(check, session("198.51.101.20"))
+
+    @defer.inlineCallbacks
+    def test_sender_domains_and_their_subdomains(self):
+        check = self.greylist(whitelist_senders=("Partner.TEST",))
+        yield self.assertPasses(check, session(sender=Path(local="x", domain="partner.test")))
+        yield self.assertPasses(check, session(sender=Path(local="x",
+                                                            domain="mail.partner.test")))
+        yield self.assertGreylisted(check, session(sender=Path(local="x",
+                                                                domain="notpartner.test")))
+
+    @defer.inlineCallbacks
+    def test_null_sender_matches_no_sender_domain(self):
+        check = self.greylist(whitelist_senders=("partner.test",))
+        yield self.assertGreylisted(check, session(sender=Path(null=True)))
+
+    @defer.inlineCallbacks
+    def test_recipients_by_address_and_domain(self):
+        check = self.greylist(whitelist_recipients=("Postmaster@example.test", "@open.test"))
+        yield self.assertPasses(check, session(), Path(local="POSTMASTER",
+                                                        domain="example.test"))
+        yield self.assertPasses(check, session(), Path(local="anyone", domain="open.test"))
+        yield self.assertGreylisted(check, session(), Path(local="anyone",
+                                                            domain="notopen.test"))
+
+    @defer.inlineCallbacks
+    def test_spf_pass(self):
+        check = self.greylist(whitelist_spf_pass=True)
+        passed = session()
+        passed.spf_result = "pass"
+        yield self.assertPasses(check, passed)
+        softfail = session()
+        softfail.spf_result = "softfail"
+        yield self.assertGreylisted(check, softfail)
+
+    @defer.inlineCallbacks
+    def test_spf_pass_ignored_unless_configured(self):
+        check = self.greylist()
+        passed = session()
+        passed.spf_result = "pass"
+        yield self.assertGreylisted(check, passed)
+
+    @defer.inlineCallbacks
+    def test_no_spf_attribute_is_no_pass(self):
+        check = self.greylist(whitelist_spf_pass=True)
+        yield self.assertGreylisted(check, session())
+
+
+@implementer(IStateStore)
+class BrokenStore:
+    """A store whose every query fails as a full or corrupt disk would."""
+
+    max_entries = 10
+
+    def _fail(self, *args, **kw):
+        return defer.fail(sqlite3.OperationalError("disk I/O error"))
+
+    greylist_get = greylist_put = greylist_whitelist = greylist_expire = _fail
+    greylist_list = greylist_delete = greylist_count = _fail
+
+
+class FailOpenTests(StoreMixin, unittest.TestCase):
+
+    @defer.inlineCallbacks
+    def test_failing_store_accepts_and_logs(self):
+        self.reactor = ClockedReactor()
+        self.store = BrokenStore()
+        check = self.greylist()
+        self.assertIsNone((yield self.rcpt(check, session())))
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+
+    @defer.inlineCallbacks
+    def test_failing_write_accepts(self):
+        # Reads work, the write of a first sight fails (a full disk).
+        yield self.make_store()
+        self.store.greylist_put = BrokenStore()._fail
+        self.assertIsNone((yield self.rcpt(self.greylist(), session())))
+        self.assertEqual(len(self.flushLoggedErrors(sqlite3.OperationalError)), 1)
+
+    @defer.inlineCallbacks
+    def test_closed_store_accepts(self):
+        yield self.make_store()
+        yield self.store.close()
+        self.assertIsNone((yield self.rcpt(self.greylist(), session())))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_needs_a_state_store(self):
+        self.reactor = ClockedReactor()
+        self.store = object()
+        self.assertRaises(TypeError, self.greylist)
+
+
+ZONE = {
+    "66.2.0.192.bl.test": {"A": ["127.0.0.2"], "TXT": ["spam source"]},
+    "67.2.0.192.bl.test": {"A": ["127.255.255.254"]},      # a refused query
+}
+
+
+class BlocklistDelayTests(StoreMixin, unittest.TestCase):
+    """A client listed on a ``[antispam.greylist] dnsbl`` zone waits ``dnsbl_delay``."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.fake = yield start_fake_dns(self, ZONE, servfail={"68.2.0.192.bl.test"},
+                                         silent={"69.2.0.192.bl.test"})
+        yield self.make_store()
+        cfg = config_module.Config(
+            dns=config_module.DNSConfig(servers=(self.fake.server,), timeout=2),
+            antispam=config_module.AntispamConfig(
+                greylist=config_module.GreylistConfig(dnsbl=("bl.test",))))
+        self.resolver = dns.make_resolver(self.reactor, cfg)
+        [self.check] = greylist.checks(cfg, self.reactor, self.resolver, self.store)
+
+    @defer.inlineCallbacks
+    def test_listed_client_waits_longer(self):
+        s = session("192.0.2.66")
+        self.assertEqual((yield self.rcpt(self.check, s)),
+                         "451 4.7.1 Greylisted, try again in 43200 seconds")
+        self.advance(DELAY)
+        self.assertEqual((yield self.rcpt(self.check, s)),
+                         f"451 4.7.1 Greylisted, try again in {DNSBL_DELAY - DELAY} seconds")
+        self.advance(DNSBL_DELAY - DELAY)
+        self.assertIsNone((yield self.rcpt(self.check, s)))
+        # Once whitelisted, the block list is not asked again.
+        asked = len(self.fake.queries)
+        self.assertIsNone((yield self.rcpt(self.check, s)))
+        self.assertEqual(len(self.fake.queries), asked)
+
+    @defer.inlineCallbacks
+    def test_window_counts_from_the_end_of_the_longer_delay(self):
+        s = session("192.0.2.66")
+        yield self.rcpt(self.check, s)
+        self.advance(DNSBL_DELAY + WINDOW)
+        self.assertIsNone((yield self.rcpt(self.check, s)))
+
+    @defer.inlineCallbacks
+    def test_unlisted_client_gets_the_short_delay(self):
+        self.assertEqual((yield self.rcpt(self.check, session("192.0.2.65"))),
+                         "451 4.7.1 Greylisted, try again in 300 seconds")
+        self.assertIn(("65.2.0.192.bl.test", "A"), self.fake.queries)
+
+    @defer.inlineCallbacks
+    def test_error_codes_and_servfail_are_not_listings(self):
+        for ip in ("192.0.2.67", "192.0.2.68"):
+            self.assertEqual((yield self.rcpt(self.check, session(ip))),
+                             "451 4.7.1 Greylisted, try again in 300 seconds", ip)
+
+    @defer.inlineCallbacks
+    def test_timeout_is_not_a_listing(self):
+        d = self.rcpt(self.check, session("192.0.2.69"))
+        yield settle()
+        self.assertNoResult(d)
+        self.advance(10)            # [antispam.dns] timeout, the lookup's deadline
+        self.assertEqual((yield d), "451 4.7.1 Greylisted, try again in 300 seconds")
+        # Let the resolver give up on the unanswered query (its port closes).
+        self.advance(60)
+        yield settle()
+
+
+class ChecksTests(unittest.TestCase):
+
+    def setUp(self):
+        self.store = BrokenStore()
+
+    def config(self, **kw):
+        return config_module.Config(antispam=config_module.AntispamConfig(
+            greylist=config_module.GreylistConfig(**kw)))
+
+    def test_disabled_or_no_store_is_empty(self):
+        self.assertEqual(greylist.checks(self.config(enabled=False), None, None, self.store), [])
+        self.assertEqual(greylist.checks(self.config(), None, None, None), [])
+        self.assertEqual(greylist.checks(self.config(), None, None, {"other": 1}), [])
+
+    def test_durations_from_the_config(self):
+        [check] = greylist.checks(self.config(delay="1m", retry_window="2h",
+                                              auto_whitelist="7d", dnsbl_delay="1h"),
+                                  None, None, self.store)
+        self.assertEqual((check.delay, check.retry_window, check.auto_whitelist,
+                          check.dnsbl_delay), (60, 7200, 7 * 86400, 3600))
+        self.assertEqual(check.name, "greylist")
+        self.assertEqual(check.stages, {"rcpt"})
+        self.assertIsNone(check.blocklists)
+
+    def test_store_found_in_a_state_dict(self):
+        [check] = greylist.checks(self.config(), None, None, {"store": self.store})
+        self.assertIs(check.store, self.store)
