@@ -5,6 +5,8 @@
     mailappliance [--config PATH] queue show ID [--json] [--body]
     mailappliance [--config PATH] queue flush [ID|DOMAIN] [--json]
     mailappliance [--config PATH] queue hold|release|delete ID [--json]
+    mailappliance [--config PATH] greylist [list] [--json]
+    mailappliance [--config PATH] greylist whitelist|delete IP SENDER RECIPIENT [--json]
 
 It reads the same configuration and ``data_dir`` as a running appliance and
 never needs it stopped. Listing and showing read the queue files (safe at
@@ -12,6 +14,8 @@ any time). Flush, hold, release and delete go through the appliance's
 control socket (``data_dir/control.sock``) when it runs, so its scheduler
 makes the change; when nothing listens there, hold, release and delete
 move or remove the files themselves (nothing else touches them then).
+The greylist commands open the state database (``data_dir/state.sqlite3``)
+themselves: it is in WAL mode, so this is safe beside a running appliance.
 
 Exit codes: 0 done, 1 no such message or the action failed, 2 the
 configuration is wrong.
@@ -455,6 +459,155 @@ def cmd_queue(args) -> int:
         return _fail(args, str(e))
 
 
+# -- the greylist -------------------------------------------------------------------------
+
+def _greylist_triplet(args):
+    """(network, sender, recipient) of the command line, or raise _Failed.
+
+    IP is a client address or a network as ``greylist list`` shows it
+    (192.0.2.0/24); SENDER may be ``<>`` (or "") for the null sender.
+    """
+    import ipaddress
+    from mailbox_appliance.antispam.greylist import client_network, path_text
+    ip = args.ip.strip()
+    if "/" in ip:
+        try:
+            ip = str(ipaddress.ip_network(ip, strict=False).network_address)
+        except ValueError:
+            raise _Failed(f"not an IP address or network: {ip}") from None
+    network = client_network(ip)
+    if network is None:
+        raise _Failed(f"not an IP address or network: {args.ip}")
+    sender, recipient = path_text(args.sender), path_text(args.recipient)
+    for what, value in (("sender", sender), ("recipient", recipient)):
+        if len(value) > 320 or any(not c.isprintable() or c.isspace() for c in value):
+            raise _Failed(f"not an address: {what} {value}")
+    if not recipient or "@" not in recipient:
+        raise _Failed(f"not an address: recipient {args.recipient}")
+    if sender and "@" not in sender:
+        raise _Failed(f"not an address: sender {args.sender} (<> for the null sender)")
+    return network, sender, recipient
+
+
+def _entry_document(e):
+    doc = e.as_dict()
+    doc["first_seen_date"] = _iso(e.first_seen)
+    doc["last_seen_date"] = _iso(e.last_seen)
+    doc["whitelisted_until_date"] = _iso(e.whitelisted_until)
+    return doc
+
+
+def cmd_greylist_list(args, cfg, path, now) -> int:
+    from mailbox_appliance import state
+    if not os.path.exists(path):
+        entries = []            # greylisting never ran: nothing to create here
+    else:
+        conn = state.connect(path)
+        try:
+            entries = state.list_entries(conn)
+        finally:
+            conn.close()
+    if args.json:
+        _dump([_entry_document(e) for e in entries], args.out)
+        return EXIT_OK
+    out = args.out
+    if not entries:
+        print("Greylist is empty", file=out)
+        return EXIT_OK
+    print(f"{'-Network-':<20} {'-First seen-':<20} {'-Passes-':>8}  {'-Status-':<32} "
+          "-Sender -> Recipient-", file=out)
+    for e in entries:
+        if e.whitelisted(now):
+            status = "whitelisted until " + _local_time(e.whitelisted_until, "%Y-%m-%d %H:%M")
+        elif e.whitelisted_until:
+            status = "whitelisting ended"
+        else:
+            status = f"pending, {e.attempts} deferred"
+        print(f"{_display(e.network):<20} {_local_time(e.first_seen):<20} {e.passes:>8}  "
+              f"{status:<32} <{_display(e.sender)}> -> <{_display(e.recipient)}>", file=out)
+    whitelisted = sum(1 for e in entries if e.whitelisted(now))
+    print(f"-- {len(entries)} triplet(s), {whitelisted} whitelisted", file=out)
+    return EXIT_OK
+
+
+def _open_for_writing(cfg, path):
+    """The database, created if needed with the owner of data_dir (the appliance's user)."""
+    from mailbox_appliance import state
+    created = not os.path.exists(path)
+    if created:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    conn = state.connect(path)
+    if created and hasattr(os, "geteuid") and os.geteuid() == 0:
+        # An admin running this as root must not leave a file the
+        # appliance's own user cannot write.
+        owner = os.stat(os.path.dirname(path))
+        try:
+            os.chown(path, owner.st_uid, owner.st_gid)
+        except OSError:
+            pass
+    return conn
+
+
+def cmd_greylist_change(args, cfg, path, now) -> int:
+    from mailbox_appliance import state
+    network, sender, recipient = _greylist_triplet(args)
+    if args.action == "delete" and not os.path.exists(path):
+        return _no_triplet(args, network, sender, recipient)
+    conn = _open_for_writing(cfg, path)
+    try:
+        if args.action == "whitelist":
+            until = now + config_module.parse_duration(cfg.antispam.greylist.auto_whitelist)
+            entry = state.whitelist_entry(conn, network, sender, recipient, now, until)
+        elif not state.delete_entry(conn, network, sender, recipient):
+            return _no_triplet(args, network, sender, recipient)
+    finally:
+        conn.close()
+    what = f"{network} <{_display(sender)}> -> <{_display(recipient)}>"
+    if args.json:
+        doc = {"ok": True, "network": network, "sender": sender, "recipient": recipient}
+        if args.action == "whitelist":
+            doc["whitelisted_until"] = entry.whitelisted_until
+            doc["whitelisted_until_date"] = _iso(entry.whitelisted_until)
+        _dump(doc, args.out)
+    elif args.action == "whitelist":
+        print(f"{what}: whitelisted until "
+              f"{_local_time(entry.whitelisted_until, '%Y-%m-%d %H:%M:%S %z')}", file=args.out)
+    else:
+        print(f"{what}: deleted", file=args.out)
+    return EXIT_OK
+
+
+def _no_triplet(args, network, sender, recipient):
+    message = (f"no such greylist triplet: {network} <{_display(sender)}> -> "
+               f"<{_display(recipient)}>")
+    if args.json:
+        _dump({"ok": False, "error": message}, args.out)
+    print(f"mailappliance: {message}", file=args.err)
+    return EXIT_FAILED
+
+
+GREYLIST_COMMANDS = {"list": cmd_greylist_list, "whitelist": cmd_greylist_change,
+                     "delete": cmd_greylist_change}
+
+
+def cmd_greylist(args) -> int:
+    import sqlite3
+    from mailbox_appliance import state
+    try:
+        cfg = config_module.load(_config_path(args))
+    except config_module.ConfigError as e:
+        print(f"mailappliance: configuration error: {e}", file=args.err)
+        return EXIT_CONFIG
+    path = os.path.join(cfg.server.data_dir, state.FILENAME)
+    action = args.action or "list"
+    try:
+        return GREYLIST_COMMANDS[action](args, cfg, path, time.time())
+    except _Failed as e:
+        return _fail(args, str(e))
+    except (sqlite3.Error, OSError) as e:
+        return _fail(args, f"state database {path}: {e}")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="mailappliance",
                                      description="Mail appliance admin command")
@@ -485,6 +638,19 @@ def build_parser():
                        ("delete", "remove a message without delivering it")):
         p = qsub.add_parser(name, parents=[json_flag], help=text)
         p.add_argument("id", help="queue id")
+
+    g = sub.add_parser("greylist", help="list, whitelist and delete greylisting triplets")
+    g.set_defaults(func=cmd_greylist, action=None, json=False)
+    g.add_argument("--json", action="store_true", help="print JSON")
+    gsub = g.add_subparsers(dest="action", metavar="ACTION")
+    gsub.add_parser("list", parents=[json_flag],
+                    help="triplets with first seen, passes and whitelisting")
+    for name, text in (("whitelist", "let a triplet through from now on (for auto_whitelist)"),
+                       ("delete", "forget a triplet (its next delivery is a first sight)")):
+        p = gsub.add_parser(name, parents=[json_flag], help=text)
+        p.add_argument("ip", help="client address, or its network as listed")
+        p.add_argument("sender", help="envelope sender (<> for the null sender)")
+        p.add_argument("recipient", help="envelope recipient")
     return parser
 
 

@@ -7,15 +7,19 @@ are advanced, never waited for. Block lists are asked of a DNS server on
 loopback (``tests/dns_helpers.py``).
 """
 
+import io
+import json
 import os
 import shutil
 import sqlite3
 import tempfile
+import time
 
 from twisted.internet import defer
 from twisted.trial import unittest
 from zope.interface import implementer
 
+from mailbox_appliance import cli, state
 from mailbox_appliance import config as config_module
 from mailbox_appliance import dns
 from mailbox_appliance.antispam import greylist
@@ -445,3 +449,152 @@ class ChecksTests(unittest.TestCase):
     def test_store_found_in_a_state_dict(self):
         [check] = greylist.checks(self.config(), None, None, {"store": self.store})
         self.assertIs(check.store, self.store)
+
+
+class GreylistCLITests(unittest.TestCase):
+    """``mailappliance greylist`` against a temporary data_dir."""
+
+    timeout = 30
+
+    def setUp(self):
+        self.state = state
+        self.dir = tempfile.mkdtemp(prefix="grey-cli-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
+                                 "directory.ldif"), self.dir)
+        self.config = os.path.join(self.dir, "mailappliance.toml")
+        with open(self.config, "w") as f:
+            f.write('[server]\nhostname = "mx.example.test"\ndomains = ["example.test"]\n'
+                    'data_dir = "var"\n[listen]\nsmtp = "tcp:0:interface=127.0.0.1"\n'
+                    '[directory]\nldif = "directory.ldif"\n'
+                    '[antispam.greylist]\nauto_whitelist = "2d"\n')
+        self.path = os.path.join(self.dir, "var", state.FILENAME)
+
+    def run_cli(self, *argv):
+        out, err = io.StringIO(), io.StringIO()
+        code = cli.main(["--config", self.config, *argv], out=out, err=err)
+        return code, out.getvalue(), err.getvalue()
+
+    def seed(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        conn = self.state.connect(self.path)
+        self.addCleanup(conn.close)
+        now = time.time()
+        self.state.put_entry(conn, self.state.GreylistEntry(
+            "192.0.2.0/24", "alice@ext.test", "bob@example.test", now - 60, now - 30,
+            attempts=2, expires=now + 3600))
+        self.state.whitelist_entry(conn, "2001:db8:1:2::/64", "", "carol@example.test",
+                                   now - 10, now + 86400)
+        self.state.put_entry(conn, self.state.GreylistEntry(
+            "198.51.100.0/24", "\x1b[31mevil@ext.test", "bob@example.test", now, now,
+            expires=now + 3600))
+
+    def test_list_without_a_database_creates_nothing(self):
+        self.assertEqual(self.run_cli("greylist"), (0, "Greylist is empty\n", ""))
+        self.assertEqual(self.run_cli("greylist", "list", "--json"), (0, "[]\n", ""))
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_list(self):
+        self.seed()
+        code, out, err = self.run_cli("greylist", "list")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("192.0.2.0/24", out)
+        self.assertIn("pending, 2 deferred", out)
+        self.assertIn("<alice@ext.test> -> <bob@example.test>", out)
+        self.assertIn("whitelisted until", out)
+        self.assertIn("<> -> <carol@example.test>", out)
+        # A sender's escape sequence never reaches the terminal.
+        self.assertNotIn("\x1b", out)
+        self.assertIn("-- 3 triplet(s), 1 whitelisted", out)
+
+    def test_list_json(self):
+        self.seed()
+        code, out, _ = self.run_cli("greylist", "--json")
+        self.assertEqual(code, 0)
+        docs = {d["sender"]: d for d in json.loads(out)}
+        self.assertEqual(docs["alice@ext.test"]["attempts"], 2)
+        self.assertIsNone(docs["alice@ext.test"]["whitelisted_until"])
+        self.assertEqual(docs[""]["network"], "2001:db8:1:2::/64")
+        self.assertEqual(docs[""]["passes"], 1)
+        self.assertTrue(docs[""]["whitelisted_until_date"])
+
+    def test_whitelist_by_hand_creates_the_database(self):
+        code, out, err = self.run_cli("greylist", "whitelist", "192.0.2.77",
+                                      "Alice@Ext.Test", "<BOB@example.test>")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("192.0.2.0/24 <alice@ext.test> -> <bob@example.test>: whitelisted", out)
+        conn = self.state.connect(self.path)
+        self.addCleanup(conn.close)
+        e = self.state.get_entry(conn, "192.0.2.0/24", "alice@ext.test", "bob@example.test")
+        self.assertLess(abs(e.whitelisted_until - (time.time() + 2 * 86400)), 60)
+
+    def test_whitelist_null_sender_and_network_as_listed(self):
+        code, _, _ = self.run_cli("greylist", "whitelist", "2001:db8:1:2::/64", "<>",
+                                  "carol@example.test")
+        self.assertEqual(code, 0)
+        conn = self.state.connect(self.path)
+        self.addCleanup(conn.close)
+        self.assertIsNotNone(self.state.get_entry(conn, "2001:db8:1:2::/64", "",
+                                                  "carol@example.test"))
+
+    def test_delete(self):
+        self.seed()
+        code, out, err = self.run_cli("greylist", "delete", "192.0.2.1", "alice@ext.test",
+                                      "bob@example.test")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("deleted", out)
+        code, out, err = self.run_cli("greylist", "delete", "192.0.2.1", "alice@ext.test",
+                                      "bob@example.test", "--json")
+        self.assertEqual(code, 1)
+        self.assertIn('"ok": false', out)
+        self.assertIn("no such greylist triplet", err)
+
+    def test_delete_without_a_database(self):
+        code, _, err = self.run_cli("greylist", "delete", "192.0.2.1", "a@ext.test",
+                                    "b@example.test")
+        self.assertEqual(code, 1)
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_bad_arguments(self):
+        for argv in (("not-an-ip", "a@ext.test", "b@example.test"),
+                     ("192.0.2.1", "a@ext.test", "<>"),
+                     ("192.0.2.1", "a b@ext.test", "b@example.test"),
+                     ("192.0.2.1", "a@ext.test", "b\r\n@example.test"),
+                     ("192.0.2.1", "nodomain", "b@example.test")):
+            code, _, err = self.run_cli("greylist", "whitelist", *argv)
+            self.assertEqual(code, 1, argv)
+            self.assertIn("not a", err)
+        self.assertFalse(os.path.exists(self.path))
+
+    def test_config_error(self):
+        with open(self.config, "a") as f:
+            f.write('delay = "soon"\n')
+        self.assertEqual(self.run_cli("greylist")[0], 2)
+
+    def test_corrupt_database_is_an_error_not_a_crash(self):
+        os.makedirs(os.path.dirname(self.path))
+        with open(self.path, "wb") as f:
+            f.write(b"not a database" * 100)
+        code, _, err = self.run_cli("greylist", "list")
+        self.assertEqual(code, 1)
+        self.assertIn("state database", err)
+
+    @defer.inlineCallbacks
+    def test_beside_a_running_store(self):
+        # The appliance's store is open on the file; the command whitelists a
+        # triplet and the check lets it through at once.
+        reactor = ClockedReactor()
+        reactor.clock.advance(time.time())
+        store = SQLiteStateStore(self.path, reactor)
+        self.addCleanup(store.close)
+        yield store.open()
+        check = Greylist(store, reactor, DELAY, WINDOW, AUTO)
+        verdict = yield defer.maybeDeferred(check.check, "rcpt", session("192.0.2.5"), BOB)
+        self.assertEqual(verdict.code, 451)
+        code, out, _ = self.run_cli("greylist", "list", "--json")
+        self.assertIn("alice@ext.test", out)
+        code, _, err = self.run_cli("greylist", "whitelist", "192.0.2.5", "alice@ext.test",
+                                    "bob@example.test")
+        self.assertEqual((code, err), (0, ""))
+        verdict = yield defer.maybeDeferred(check.check, "rcpt", session("192.0.2.5"), BOB)
+        self.assertIsNone(verdict)
