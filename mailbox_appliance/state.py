@@ -148,11 +148,14 @@ def connect(path):
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(f"{path}: schema version {version} is newer than "
                                         f"this program's ({SCHEMA_VERSION})")
-        with _transaction(conn):
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if version < SCHEMA_VERSION:
+            # Only a new (or older) file is written to: opening a current one
+            # to read it (``greylist list``) takes no write lock.
+            with _transaction(conn):
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     except BaseException:
         conn.close()
         raise
@@ -275,7 +278,7 @@ class SQLiteStateStore(service.Service):
         self.reactor = reactor
         self.max_entries = max_entries
         self.expire_every = expire_every
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="state-sqlite")
+        self._pool = None
         self._conn = None
         self._sweep = None
         self._opened = None
@@ -288,6 +291,8 @@ class SQLiteStateStore(service.Service):
     def open(self):
         """Start the thread and open the database in it; a Deferred of the open."""
         if self._opened is None:
+            # A new pool each time: a stopped ThreadPool cannot start again.
+            self._pool = ThreadPool(minthreads=1, maxthreads=1, name="state-sqlite")
             self._pool.start()
             self._opened = self._run(self._open_in_thread)
             self._opened.addErrback(self._open_failed)
@@ -316,8 +321,10 @@ class SQLiteStateStore(service.Service):
         d = self._run(self._close_in_thread)
         d.addErrback(lambda f: log.failure("closing the state database", f))
 
+        pool = self._pool       # not a pool opened again meanwhile
+
         def stop_pool(_):
-            self._pool.stop()       # the thread is idle now: a short join
+            pool.stop()             # the thread is idle now: a short join
         return d.addBoth(stop_pool)
 
     def _close_in_thread(self):

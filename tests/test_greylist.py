@@ -311,6 +311,28 @@ class WhitelistTests(StoreMixin, unittest.TestCase):
         yield self.assertGreylisted(check, session())
 
 
+class FloodTests(StoreMixin, unittest.TestCase):
+    """Random one-off triplets through the check cannot grow the store past its cap."""
+
+    @defer.inlineCallbacks
+    def test_random_triplets_are_bounded_and_whitelisted_ones_survive(self):
+        yield self.make_store()
+        self.store.max_entries = 50
+        self.store._cap_every = 1
+        check = self.greylist()
+        yield self.rcpt(check, session("192.0.2.1"))
+        self.advance(DELAY)
+        self.assertIsNone((yield self.rcpt(check, session("192.0.2.1"))))
+        for n in range(400):
+            ip = f"10.{n // 256}.{n % 256}.1"
+            sender = Path(local=f"x{n}", domain="spam.test")
+            self.assertIsNotNone((yield self.rcpt(check, session(ip, sender=sender))))
+            self.advance(1)
+        self.assertEqual((yield self.store.greylist_count()), 50)
+        # The correspondent that proved it retries was not pushed out.
+        self.assertIsNone((yield self.rcpt(check, session("192.0.2.1"))))
+
+
 @implementer(IStateStore)
 class BrokenStore:
     """A store whose every query fails as a full or corrupt disk would."""

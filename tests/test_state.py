@@ -272,3 +272,27 @@ class SideBySideTests(StoreTestBase):
         self.assertEqual(state.delete_entry(conn, NET, "s0@ext.test", "bob@example.test"), 1)
         self.assertIsNone((yield self.store.greylist_get(NET, "s0@ext.test",
                                                          "bob@example.test")))
+
+
+class ServiceTests(unittest.TestCase):
+    """The store as the Appliance runs it: a Service on data_dir/state.sqlite3."""
+
+    @defer.inlineCallbacks
+    def test_open_store_starts_and_stops_as_a_service(self):
+        from mailbox_appliance import config as config_module
+        data_dir = tempfile.mkdtemp(prefix="state-svc-")
+        self.addCleanup(shutil.rmtree, data_dir, True)
+        cfg = config_module.Config(server=config_module.ServerConfig(data_dir=data_dir))
+        reactor = ClockedReactor()
+        store = state.open_store(cfg, reactor)
+        self.assertEqual(store.path, os.path.join(data_dir, "state.sqlite3"))
+        store.startService()
+        yield store.greylist_put(entry())
+        self.assertEqual((yield store.greylist_count()), 1)
+        yield store.stopService()
+        self.assertFalse(store.running)
+        self.assertEqual(reactor.clock.getDelayedCalls(), [])
+        # Reloaded intact after a stop (SIGTERM).
+        store.startService()
+        self.addCleanup(store.stopService)
+        self.assertEqual((yield store.greylist_count()), 1)
