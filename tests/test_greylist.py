@@ -28,7 +28,9 @@ from mailbox_appliance.smtp.address import Path
 from mailbox_appliance.smtp.session import SessionState
 from mailbox_appliance.state import IStateStore, SQLiteStateStore
 from tests.dns_helpers import start_fake_dns
+from tests.e2e.harness import ANTISPAM_OFF
 from tests.sink_helpers import ClockedReactor
+from tests.smtp_helpers import ApplianceMixin, RawClient
 from tests.test_antispam_dns import settle
 
 DELAY, WINDOW, AUTO, DNSBL_DELAY = 300, 4 * 3600, 36 * 86400, 12 * 3600
@@ -620,3 +622,62 @@ class GreylistCLITests(unittest.TestCase):
         self.assertEqual((code, err), (0, ""))
         verdict = yield defer.maybeDeferred(check.check, "rcpt", session("192.0.2.5"), BOB)
         self.assertIsNone(verdict)
+
+
+class RunningMXTests(ApplianceMixin, unittest.TestCase):
+    """Greylisting wired into a running appliance's MX (its own state file).
+
+    ``delay = "0s"`` makes any retry come after the delay, so the real
+    reactor's time never matters: the first RCPT is greylisted, the next
+    connection's passes.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        extra = ANTISPAM_OFF.replace("[antispam.greylist]\nenabled = false",
+                                     '[antispam.greylist]\nenabled = true\ndelay = "0s"')
+        self.assertIn('delay = "0s"', extra)
+        yield self.start_appliance(extra=extra)
+
+    def deliver(self, sender="<Alice@Ext.Test>", rcpt="<BOB@example.test>"):
+        c = RawClient(self.port)
+        try:
+            c.code()
+            c.cmd("EHLO client.ext.test")
+            mail = c.cmd(f"MAIL FROM:{sender}")
+            r = c.cmd(f"RCPT TO:{rcpt}")
+            data = c.cmd("DATA")[0]
+            if data == 354:
+                c.send(b"Subject: hi\r\n\r\nhello\r\n.\r\n")
+                data = c.reply()[0]
+            c.cmd("QUIT")
+            return mail[0], f"{r[0]} {r[1][0]}", data
+        finally:
+            c.close()
+
+    @defer.inlineCallbacks
+    def test_first_sight_deferred_then_retry_delivered(self):
+        mail, rcpt, data = yield self.in_thread(self.deliver)
+        self.assertEqual(mail, 250)
+        self.assertEqual(rcpt, "451 4.7.1 Greylisted, try again in 1 seconds")
+        self.assertEqual(data, 554)          # no valid recipient: nothing taken
+        self.assertEqual(self.delivered("bob"), [])
+        self.assertEqual(self.queue_files(), [])
+        # The retry, in other case: the same triplet.
+        mail, rcpt, data = yield self.in_thread(self.deliver, "<alice@ext.test>",
+                                                "<bob@Example.Test>")
+        self.assertEqual(rcpt[:3], "250")
+        self.assertEqual(data, 250)
+        yield self.settle()
+        self.assertEqual(len(self.delivered("bob")), 1)
+        listed = yield self.app.state.greylist_list()
+        self.assertEqual([(e.network, e.sender, e.recipient, e.passes) for e in listed],
+                         [("127.0.0.0/24", "alice@ext.test", "bob@example.test", 1)])
+
+    @defer.inlineCallbacks
+    def test_state_file_in_data_dir(self):
+        yield self.app.state.greylist_count()
+        self.assertTrue(os.path.exists(os.path.join(self.config.server.data_dir,
+                                                    "state.sqlite3")))
