@@ -14,7 +14,8 @@ the writer, and a writer waits (``BUSY_TIMEOUT``) instead of failing.
 
 Growth is bounded: entries carry their own expiry time and a periodic
 sweep (a LoopingCall on the injected reactor) deletes the expired ones;
-and the table holds at most ``max_entries`` rows. Past the cap the oldest
+and the table holds at most ``max_entries`` rows (plus 1% between two
+checks of the cap). Past the cap the oldest
 pending (never passed) entries go first, and only when none is left the
 oldest whitelisted ones: a flood of random one-off triplets pushes out its
 own kind, not the correspondents that proved they retry.
