@@ -142,13 +142,16 @@ class ApplianceProcess:
     def stop(self, sig=signal.SIGTERM, wait=20):
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(sig)
+        proc, log = self.proc, self._log
+        proc.send_signal(sig)
         try:
-            self.proc.wait(wait)
+            proc.wait(wait)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
+            proc.kill()
+            proc.wait()
+        # The log this process was started with, not whatever a restart
+        # from another thread has opened since.
+        log.close()
 
     def kill(self):
         self.stop(signal.SIGKILL)

@@ -133,8 +133,12 @@ class CrashTests(unittest.TestCase):
         killed = threading.Event()
         todo = list(range(200))
 
+        deadline = time.monotonic() + 300
+
         def client():
-            while True:
+            # Bounded, so a failed restart never leaves threads retrying
+            # for ever (they would keep the test run from exiting).
+            while time.monotonic() < deadline:
                 with lock:
                     if not todo:
                         return
@@ -148,16 +152,19 @@ class CrashTests(unittest.TestCase):
                     with lock:
                         acked.add(token)
                         if len(acked) == 80 and not killed.is_set():
-                            killed.set()
+                            # Killed before the main thread hears of it, so
+                            # its restart never races this stop.
                             app.kill()
+                            killed.set()
                 except (OSError, smtplib.SMTPException):
                     with lock:
                         todo.append(n)
                     time.sleep(0.2)
 
-        threads = [threading.Thread(target=client) for _ in range(10)]
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(10)]
         for t in threads:
             t.start()
+        self.addCleanup(todo.clear)
         self.assertTrue(killed.wait(120))
         app.proc.wait(10)
         app.start()
