@@ -169,15 +169,17 @@ class Appliance(service.MultiService):
         # One Authenticator for every front end that takes passwords: failed
         # logins over SMTP AUTH slow down IMAP and POP3 guesses too.
         self.authenticator = Authenticator(directory, reactor)
-        from mailbox_appliance.antispam.registry import build_checks, submission_checks
+        from mailbox_appliance.antispam.registry import (
+            build_checks, content_scan, signing_scan, submission_checks)
         # A dict: the checks share what they keep there (the block-list cache).
-        door, door_after = build_checks(config, reactor, self.resolver,
-                                        {"store": self.state})
+        shared = {"store": self.state}
+        door, door_after = build_checks(config, reactor, self.resolver, shared)
+        self.content_scan = content_scan(config, reactor, self.resolver, shared)
         self.policy = PolicyChain(door + [
             RelayAccess(domains),
             RecipientExists(directory, domains),
             HopCount(config.smtp.max_received_headers),
-        ] + door_after)
+        ] + door_after + ([self.content_scan] if self.content_scan else []))
         if config.listen.smtp:
             factory = SMTPServerFactory(reactor, config, self.policy, self.spool, self.queue,
                                         tls_context=self.tls_context)
@@ -195,6 +197,10 @@ class Appliance(service.MultiService):
         self.submission_policy = submission_policy(config, directory, domains)
         for check in reversed(submission_checks(door)):
             self.submission_policy.add(check, first=True)
+        # Last: the signature must cover the message as the other checks left it.
+        self.signing_scan = signing_scan(config, reactor)
+        if self.signing_scan is not None:
+            self.submission_policy.add(self.signing_scan)
         limiter = AuthFailureLimiter(reactor, config.submission.max_auth_failures_per_minute)
         for name, implicit in (("submission", False), ("submissions", True)):
             description = getattr(config.listen, name)

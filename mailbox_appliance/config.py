@@ -28,18 +28,22 @@ class ConfigError(Exception):
         return " ".join(super().__str__().splitlines())
 
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def parse_duration(text) -> int:
-    """Seconds in ``"90"``, ``"90s"``, ``"5m"``, ``"4h"``, ``"5d"``, ``"1w"``."""
+def parse_duration(text):
+    """Seconds in ``"90"``, ``"90s"``, ``"5m"``, ``"4h"``, ``"5d"``, ``"1w"``, ``"0.2s"``.
+
+    An int when the figure is whole, else a float.
+    """
     if isinstance(text, int) and not isinstance(text, bool):
         return text
     m = _DURATION.match(str(text))
     if not m:
         raise ValueError(text)
-    return int(m.group(1)) * _UNITS[m.group(2)]
+    figure = float(m.group(1)) * _UNITS[m.group(2)]
+    return int(figure) if figure == int(figure) else figure
 
 
 @dataclass(frozen=True)
@@ -216,14 +220,87 @@ class GreylistConfig:
 
 
 @dataclass(frozen=True)
+class ContentConfig:
+    """``[antispam.content]``: the content filters at end of data, and their verdict."""
+
+    enabled: bool = True
+    tag_score: float = 5.0          # X-Spam-Flag and the Junk folder from here
+    reject_score: float = 15.0      # 550 5.7.1 from here
+    max_scan_size: int = 4 * 1024 * 1024
+    scan_timeout: str = "30s"
+
+
+@dataclass(frozen=True)
+class DKIMConfig:
+    """``[antispam.dkim]``: verify inbound signatures, sign mail of our domains."""
+
+    verify: bool = True
+    sign: bool = True
+    selector: str = "mail"
+    key_dir: str = "dkim"           # under data_dir
+    max_signatures: int = 5
+    algorithm: str = "rsa-sha256"   # or ed25519-sha256
+
+
+@dataclass(frozen=True)
+class DMARCConfig:
+    """``[antispam.dmarc]``: what the sender domain's DMARC policy makes us do."""
+
+    enabled: bool = True
+    reject_action: str = "reject"       # reject | junk | tag
+    quarantine_action: str = "junk"     # junk | tag
+
+
+@dataclass(frozen=True)
+class RulesConfig:
+    """``[antispam.rules]``: the scoring rules (built-in ones and local files)."""
+
+    enabled: bool = True
+    default_rules: bool = True
+    files: tuple = ()
+    time_budget: str = "0.2s"
+
+
+@dataclass(frozen=True)
+class BayesConfig:
+    """``[antispam.bayes]``: the Bayesian filter and its token database."""
+
+    enabled: bool = True
+    min_spam: int = 200
+    min_ham: int = 200
+    per_user: bool = True
+    token_max_age: str = "180d"
+    max_tokens: int = 1000000
+
+
+@dataclass(frozen=True)
+class MilterConfig:
+    """One ``[[antispam.milter]]`` entry: an external filter (Sendmail milter protocol)."""
+
+    name: str = ""
+    endpoint: str = ""
+    connect_timeout: str = "5s"
+    command_timeout: str = "10s"
+    eom_timeout: str = "30s"
+    default_action: str = "tempfail"    # tempfail | accept
+    macros: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class AntispamConfig:
-    """``[antispam.*]``: the checks at the door (``antispam/``)."""
+    """``[antispam.*]``: the checks at the door and the content filters (``antispam/``)."""
 
     connection: ConnectionControlConfig = field(default_factory=ConnectionControlConfig)
     helo: HeloCheckConfig = field(default_factory=HeloCheckConfig)
     dns: DNSCheckConfig = field(default_factory=DNSCheckConfig)
     spf: SPFCheckConfig = field(default_factory=SPFCheckConfig)
     greylist: GreylistConfig = field(default_factory=GreylistConfig)
+    content: ContentConfig = field(default_factory=ContentConfig)
+    dkim: DKIMConfig = field(default_factory=DKIMConfig)
+    dmarc: DMARCConfig = field(default_factory=DMARCConfig)
+    rules: RulesConfig = field(default_factory=RulesConfig)
+    bayes: BayesConfig = field(default_factory=BayesConfig)
+    milter: tuple = ()              # of MilterConfig, in the order they run
 
 
 @dataclass(frozen=True)
@@ -292,17 +369,22 @@ _SECTIONS = {
 # Sections made of sub-tables only: [antispam.connection], [antispam.helo], ...
 _NESTED = {"antispam"}
 
+# Sub-sections written as arrays of tables ([[antispam.milter]]).
+_TABLE_ARRAYS = {("antispam", "milter"): MilterConfig}
+
 # Keys naming files, resolved against the config file's folder.
 _PATH_KEYS = {("server", "data_dir"), ("tls", "certificate"), ("tls", "key"),
-              ("directory", "ldif"), ("delivery", "tls_ca_file")}
+              ("directory", "ldif"), ("delivery", "tls_ca_file"), ("antispam.rules", "files")}
 
 _TYPE_NAMES = {int: "an integer", str: "a string", tuple: "a list", bool: "true or false",
-               dict: "a table"}
+               dict: "a table", float: "a number"}
 
 
 def _check_type(where, value, expected):
     if expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif expected is tuple:
         ok = isinstance(value, list)
     else:
@@ -347,6 +429,14 @@ def from_dict(raw: dict, path: str) -> Config:
                 if sub not in subs:
                     raise ConfigError(f"{path}: unknown section [{name}.{sub}]; expected one of "
                                       + ", ".join(f"[{name}.{f}]" for f in subs))
+                if (name, sub) in _TABLE_ARRAYS:
+                    if not isinstance(subvalue, list) or not all(
+                            isinstance(t, dict) for t in subvalue):
+                        raise ConfigError(f"{path}: [[{name}.{sub}]]: expected tables "
+                                          f"(written [[{name}.{sub}]]), got {subvalue!r}")
+                    parts[sub] = tuple(_section(path, base, f"{name}.{sub}",
+                                                _TABLE_ARRAYS[(name, sub)], t) for t in subvalue)
+                    continue
                 if not isinstance(subvalue, dict):
                     raise ConfigError(f"{path}: [{name}.{sub}]: expected a table, "
                                       f"got {subvalue!r}")
@@ -386,7 +476,10 @@ def _section(path, base, name, cls, value):
                                       f"got {k} = {item!r}")
             v = {k.lower(): item for k, item in v.items()}
         if (name, key) in _PATH_KEYS and v:
-            v = os.path.normpath(os.path.join(base, v))
+            if isinstance(v, tuple):
+                v = tuple(os.path.normpath(os.path.join(base, item)) for item in v)
+            else:
+                v = os.path.normpath(os.path.join(base, v))
         kwargs[key] = v
     return cls(**kwargs)
 
@@ -526,12 +619,15 @@ def _validate(cfg: Config) -> None:
 def _validate_antispam(p, a):
     durations = [("connection", "greet_pause"), ("connection", "rate_window"),
                  ("dns", "timeout"), ("greylist", "delay"), ("greylist", "retry_window"),
-                 ("greylist", "auto_whitelist"), ("greylist", "dnsbl_delay")]
+                 ("greylist", "auto_whitelist"), ("greylist", "dnsbl_delay"),
+                 ("content", "scan_timeout"), ("rules", "time_budget"),
+                 ("bayes", "token_max_age")]
     for sub, key in durations:
         try:
             parse_duration(getattr(getattr(a, sub), key))
         except ValueError:
             raise ConfigError(f"{p}: [antispam.{sub}] {key}: expected a duration like \"5m\"")
+    _validate_content(p, a)
     c = a.connection
     for key in ("max_connections_per_ip", "max_connection_rate", "bad_rcpt_throttle",
                 "bad_rcpt_limit"):
@@ -561,6 +657,61 @@ def _validate_antispam(p, a):
         except ValueError:
             raise ConfigError(f"{p}: [antispam.greylist] whitelist_networks: expected CIDR "
                               f"networks like \"192.0.2.0/24\", got {n!r}")
+
+
+def _validate_content(p, a):
+    c = a.content
+    if not 0 < c.tag_score <= c.reject_score:
+        raise ConfigError(f"{p}: [antispam.content] tag_score, reject_score: expected "
+                          f"0 < tag_score <= reject_score, got {c.tag_score} and {c.reject_score}")
+    if c.max_scan_size <= 0:
+        raise ConfigError(f"{p}: [antispam.content] max_scan_size: expected a positive "
+                          f"number of bytes")
+    choices = [("dkim", "algorithm", ("rsa-sha256", "ed25519-sha256")),
+               ("dmarc", "reject_action", ("reject", "junk", "tag")),
+               ("dmarc", "quarantine_action", ("junk", "tag"))]
+    for sub, key, allowed in choices:
+        value = getattr(getattr(a, sub), key)
+        if value not in allowed:
+            raise ConfigError(f"{p}: [antispam.{sub}] {key}: expected "
+                              + " or ".join(allowed) + f", got {value!r}")
+    if not re.match(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$", a.dkim.selector):
+        raise ConfigError(f"{p}: [antispam.dkim] selector: expected a DNS label like "
+                          f"\"mail\", got {a.dkim.selector!r}")
+    for key in ("max_signatures",):
+        if getattr(a.dkim, key) <= 0:
+            raise ConfigError(f"{p}: [antispam.dkim] {key}: expected a positive number")
+    for key in ("min_spam", "min_ham", "max_tokens"):
+        if getattr(a.bayes, key) <= 0:
+            raise ConfigError(f"{p}: [antispam.bayes] {key}: expected a positive number")
+    names = set()
+    from twisted.internet import reactor
+    for m in a.milter:
+        if not m.name or not re.match(r"^[A-Za-z0-9_.-]+$", m.name) or m.name in names:
+            raise ConfigError(f"{p}: [[antispam.milter]] name: expected a unique short name, "
+                              f"got {m.name!r}")
+        names.add(m.name)
+        try:
+            endpoints.clientFromString(reactor, m.endpoint)
+        except Exception as e:
+            raise ConfigError(f"{p}: [[antispam.milter]] {m.name}: endpoint: expected a "
+                              f"client endpoint like \"tcp:127.0.0.1:8891\", got "
+                              f"{m.endpoint!r} ({e})")
+        for key in ("connect_timeout", "command_timeout", "eom_timeout"):
+            try:
+                parse_duration(getattr(m, key))
+            except ValueError:
+                raise ConfigError(f"{p}: [[antispam.milter]] {m.name}: {key}: expected a "
+                                  f"duration like \"10s\"")
+        if m.default_action not in ("tempfail", "accept"):
+            raise ConfigError(f"{p}: [[antispam.milter]] {m.name}: default_action: expected "
+                              f"tempfail or accept, got {m.default_action!r}")
+    for f in a.rules.files:
+        try:
+            with open(f, "rb"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"{p}: [antispam.rules] files: cannot read {f}: {e.strerror}")
 
 
 def _not_a_folder(path):

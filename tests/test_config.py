@@ -198,11 +198,12 @@ class DurationTests(unittest.TestCase):
     def test_valid(self):
         for text, seconds in [("90", 90), ("90s", 90), ("5m", 300), ("4h", 14400),
                               ("5d", 432000), ("1w", 604800), (" 2 m ", 120), (0, 0),
-                              (3600, 3600), ("0s", 0)]:
+                              (3600, 3600), ("0s", 0), ("1.5h", 5400), ("0.2s", 0.2)]:
             self.assertEqual(config.parse_duration(text), seconds, text)
 
     def test_invalid(self):
-        for text in ["", "m", "5x", "5 minutes", "-5m", "1.5h", "5mm", "h5", True, None]:
+        for text in ["", "m", "5x", "5 minutes", "-5m", "1.", ".5s", "1,5h", "5mm", "h5", True,
+                     None]:
             self.assertRaises(ValueError, config.parse_duration, text)
 
 

@@ -165,6 +165,49 @@ class FormatAndCommitTests(SpoolTestMixin, unittest.TestCase):
         self.assertEqual((again.body_offset, again.size), (q.body_offset, q.size))
 
     @defer.inlineCallbacks
+    def test_content_and_replace_of_a_small_message(self):
+        s = self.make_spool()
+        inc = self.incoming(s)
+        self.assertEqual((yield inc.content()), BODY)
+        env = envelope(folder="Junk", recipients=["bob@example.test"])
+        inc.replace(b"X-Spam-Flag: YES\r\n" + BODY, env)
+        q = yield s.commit(inc)
+        self.assertEqual(q.data, b"X-Spam-Flag: YES\r\n" + BODY)
+        again = s.read(q.qid, q.path)
+        self.assertEqual(again.envelope.folder, "Junk")
+        self.assertEqual(again.envelope.recipients, ["bob@example.test"])
+        self.assertEqual(again.size, len(BODY) + 18)
+
+    @defer.inlineCallbacks
+    def test_content_and_replace_of_a_spilled_message(self):
+        s = self.make_spool()
+        block = b"x" * 998 + b"\r\n"
+        chunks = [block * 100 for _ in range(3)] + [b"tail\r\n"]
+        inc = self.incoming(s, chunks=chunks)
+        self.assertTrue(inc.spilled)
+        got = yield inc.content()
+        self.assertEqual(got, b"".join(chunks))
+        inc.replace(b"Top: 1\r\n" + got)
+        q = yield s.commit(inc)
+        with open(q.path, "rb") as f:
+            raw = f.read()
+        # Written anew: the new envelope header, then exactly the new content.
+        self.assertTrue(raw.startswith(MAGIC + inc.envelope.to_json() + b"\n"))
+        self.assertEqual(raw[q.body_offset:], b"Top: 1\r\n" + b"".join(chunks))
+        self.assertEqual(q.data, raw[q.body_offset:])
+        self.assertEqual(files(s.tmp_dir), [])
+
+    @defer.inlineCallbacks
+    def test_held_commit_goes_to_hold(self):
+        s = self.make_spool()
+        inc = self.incoming(s)
+        inc.hold = True
+        q = yield s.commit(inc)
+        self.assertTrue(q.held)
+        self.assertEqual(files(s.active_dir), [])
+        self.assertEqual(files(s.hold_dir), [q.qid])
+
+    @defer.inlineCallbacks
     def test_abort_removes_the_tmp_file(self):
         s = self.make_spool()
         inc = self.incoming(s, chunks=[b"y" * (IncomingMessage.SPILL + 10)])

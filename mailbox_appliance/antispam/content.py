@@ -31,7 +31,7 @@ the counters say so).
 
 from __future__ import annotations
 
-import re
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -41,7 +41,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from mailbox_appliance.interfaces import IPolicyCheck
 from mailbox_appliance.smtp.policy import Verdict
-from mailbox_appliance.antispam.message import ScannedMessage, raw_header_fields, split_message
+from mailbox_appliance.antispam.message import ScannedMessage, split_message
 from mailbox_appliance.antispam.verdicts import note, refuse
 
 log = Logger(namespace="mailbox_appliance.antispam.content")
@@ -95,3 +95,232 @@ class ContentResult:
 
 
 ACTIONS = ("junk", "hold", "discard")
+# Which action wins when filters disagree: the strongest.
+_STRENGTH = {None: 0, "junk": 1, "hold": 2, "discard": 3}
+
+
+def _authserv_id(value: bytes) -> str:
+    """The authserv-id an Authentication-Results value starts with (lower-case)."""
+    text = value.decode("latin-1").strip()
+    return text.split(";", 1)[0].split(None, 1)[0].lower() if text else ""
+
+
+def remove_fields(raw: bytes, unwanted) -> bytes:
+    """``raw`` without the header fields for which ``unwanted(name, value)`` is true.
+
+    Works on the lines of the header block so that everything kept stays
+    byte for byte as it was (a DKIM signature over it still verifies).
+    """
+    block, body = split_message(raw)
+    if not block:
+        return raw
+    kept, field_lines, drop = [], [], False
+    for line in block.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and field_lines:
+            field_lines.append(line)
+            continue
+        if field_lines and not drop:
+            kept += field_lines
+        field_lines = [line]
+        name, colon, value = line.partition(b":")
+        drop = bool(colon) and unwanted(name.strip().decode("latin-1").lower(), value)
+    if field_lines and not drop:
+        kept += field_lines
+    sep = raw[len(block):len(raw) - len(body)]
+    return b"".join(kept) + sep + body
+
+
+def _fold_list(names) -> str:
+    """Rule names for X-Spam-Status, folded so no line gets too long."""
+    lines, line = [], ""
+    for n in names:
+        piece = n if not line else "," + n
+        if line and len(line) + len(piece) > 70:
+            lines.append(line + ",")
+            line = n
+        else:
+            line += piece
+    lines.append(line)
+    return "\r\n\t".join(lines)
+
+
+def _strongest(a, b):
+    return a if _STRENGTH.get(a, 0) >= _STRENGTH.get(b, 0) else b
+
+
+@implementer(IPolicyCheck)
+class ContentScan:
+    """The end-of-data check that runs the content filters (module docstring).
+
+    ``judge`` False makes it a plain runner (the submission port's DKIM
+    signer): no score, no spam fields, no Authentication-Results.
+    ``run_in_thread`` (``f, *args`` -> Deferred) defaults to the reactor's
+    thread pool.
+    """
+
+    name = "content"
+    stages = frozenset({"eod"})
+
+    def __init__(self, reactor, filters, hostname, tag_score=5.0, reject_score=15.0,
+                 max_scan_size=4 * 1024 * 1024, timeout=30.0, judge=True, run_in_thread=None):
+        self.reactor = reactor
+        self.filters = list(filters)
+        self.hostname = hostname
+        self.authserv_id = hostname.lower()
+        self.tag_score = tag_score
+        self.reject_score = reject_score
+        self.max_scan_size = max_scan_size
+        self.timeout = timeout
+        self.judge = judge
+        self._run_in_thread = run_in_thread or self._in_pool
+
+    def _in_pool(self, f, *args, **kw):
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f,
+                                         *args, **kw)
+
+    def check(self, stage, session, view):
+        if not self.filters and not self.judge:
+            return None
+        if self.judge and session.may_relay:
+            # relay_networks and authenticated users are not judged on the
+            # MX, as the door checks do not judge them.
+            return None
+        if view.size > self.max_scan_size:
+            note(self.name, "too-large")
+            log.info("{qid}: content not scanned: {size} octets", qid=view.qid, size=view.size)
+            return None
+        inc = view.incoming
+        d = inc.content()
+        d.addCallback(lambda raw: self._run_in_thread(
+            ScannedMessage.parse, raw, sender=inc.envelope.sender,
+            recipients=tuple(inc.envelope.recipients), client_ip=session.client_ip,
+            helo=session.helo, authenticated=session.authenticated or None))
+        d.addCallback(lambda msg: defer.ensureDeferred(self._scan(msg, session, view)))
+        return d
+
+    async def _scan(self, msg, session, view):
+        started = time.monotonic()
+        msg.facts["qid"] = view.qid
+        msg.facts["spf"] = (session.spf_result, session.sender.domain
+                            if session.sender is not None and not session.sender.null
+                            else session.helo)
+        msg.facts.setdefault("dnsbl", list(getattr(session, "dnsbl_listed", ()) or ()))
+        hits = msg.facts["hits"] = {}
+        auth = [session.spf_auth] if session.spf_auth else []
+        added, rewrites, add_rcpts, remove_rcpts = [], [], [], []
+        action, reasons = None, []
+        deadline = self.reactor.seconds() + self.timeout
+        for f in self.filters:
+            left = deadline - self.reactor.seconds()
+            if left <= 0:
+                note(self.name, "timeout")
+                log.warn("{qid}: content scan out of time before {name}", qid=view.qid,
+                         name=f.name)
+                break
+            try:
+                result = await defer.maybeDeferred(f.scan, msg, session).addTimeout(
+                    left, self.reactor)
+            except defer.TimeoutError:
+                note(self.name, "timeout")
+                log.warn("{qid}: content filter {name} out of time", qid=view.qid, name=f.name)
+                continue
+            except Exception:
+                note(self.name, "filter-error")
+                log.failure("{qid}: content filter {name} failed", qid=view.qid, name=f.name)
+                continue
+            if result is None:
+                continue
+            hits.update(result.hits)
+            auth += result.auth
+            added += result.headers
+            if result.rewrite is not None:
+                rewrites.append(result.rewrite)
+            add_rcpts += result.add_recipients
+            remove_rcpts += result.remove_recipients
+            if result.reason:
+                reasons.append(f"{f.name}: {result.reason}")
+            if result.verdict is not None:
+                log.info("{qid}: refused by content filter {name}: {reply}", qid=view.qid,
+                         name=f.name, reply=result.verdict.reply)
+                return refuse(f.name, session, result.verdict.code, result.verdict.enhanced,
+                              result.verdict.text)
+            if result.action in ACTIONS:
+                action = _strongest(action, result.action)
+        score = round(sum(hits.values()), 1)
+        spam = self.judge and score >= self.tag_score
+        if self.judge:
+            tests = sorted(n for n in hits)
+            log.info("{qid}: content score {score} ({tests}) in {ms:.1f} ms{why}",
+                     qid=view.qid, score=score, tests=",".join(tests) or "none",
+                     ms=(time.monotonic() - started) * 1000,
+                     why=("; " + "; ".join(reasons)) if reasons else "")
+            if score >= self.reject_score:
+                return refuse(self.name, session, 550, "5.7.1",
+                              f"Message rejected as spam (score {score:.1f})")
+            note(self.name, "spam" if spam else "ham")
+            if spam:
+                action = _strongest(action, "junk")
+        if action == "discard" or (remove_rcpts and not add_rcpts
+                                   and set(map(str.lower, remove_rcpts))
+                                   >= {str(r).lower() for r in view.incoming.envelope.recipients}):
+            note(self.name, "discard")
+            log.info("{qid}: discarded by the content filters", qid=view.qid)
+            return Verdict(250, "2.0.0", "Ok", discard=True)
+        if not (self.judge or added or rewrites or add_rcpts or remove_rcpts or action):
+            return None
+        fields = []
+        if self.judge:
+            fields.append(("Authentication-Results",
+                           f"{self.hostname};" + ("\r\n\t" + ";\r\n\t".join(auth) if auth
+                                                  else " none")))
+            if spam:
+                fields.append(("X-Spam-Flag", "YES"))
+            fields.append(("X-Spam-Score", f"{score:.1f}"))
+            fields.append(("X-Spam-Status", f"{'Yes' if spam else 'No'}, score={score:.1f} "
+                           f"required={self.tag_score:.1f}\r\n\ttests="
+                           + (_fold_list(sorted(hits)) if hits else "none")))
+        fields += added
+        raw = msg.raw
+        for rewrite in rewrites:
+            raw = rewrite(raw)
+        if self.judge:
+            raw = remove_fields(raw, self._forged)
+        top = "".join(f"{n}: {_clean(v)}\r\n" for n, v in fields).encode("utf-8", "replace")
+        self._amend(view.incoming, top + raw, action, add_rcpts, remove_rcpts)
+        return None
+
+    def _forged(self, name, value) -> bool:
+        if name == "authentication-results":
+            return _authserv_id(value) == self.authserv_id
+        return name in OUR_SPAM_FIELDS
+
+    def _amend(self, inc, data, action, add_rcpts, remove_rcpts):
+        env = copy.copy(inc.envelope)
+        if action == "junk" and not env.folder:
+            env.folder = "Junk"
+        if add_rcpts or remove_rcpts:
+            gone = {a.lower() for a in remove_rcpts}
+            keep = [i for i, r in enumerate(env.recipients) if str(r).lower() not in gone]
+            env.recipients = [env.recipients[i] for i in keep]
+            if env.notify:
+                env.notify = [env.notify[i] for i in keep]
+            if env.orcpt:
+                env.orcpt = [env.orcpt[i] for i in keep]
+            for a in add_rcpts:
+                if a.lower() not in {str(r).lower() for r in env.recipients}:
+                    env.recipients.append(a)
+                    if env.notify:
+                        env.notify.append("")
+                    if env.orcpt:
+                        env.orcpt.append("")
+        inc.replace(data, env)
+        if action == "hold":
+            inc.hold = True
+
+
+def _clean(value: str) -> str:
+    """A header value with no line break other than CRLF + white space (folding)."""
+    lines = [l.replace("\r", "").replace("\n", "").replace("\x00", "")
+             for l in value.split("\r\n")]
+    return "\r\n".join([lines[0]] + [l if l[:1] in (" ", "\t") else "\t" + l
+                                     for l in lines[1:] if l])

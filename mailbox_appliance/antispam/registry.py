@@ -6,11 +6,19 @@ client and the sender, then the appliance's own relay and recipient checks
 (built by the Appliance), and last the ones that need a valid recipient
 (block lists answered at RCPT, greylisting). Only the connection limits
 apply to the submission ports.
+
+At end of data the content filters judge the message (``content_scan``):
+DKIM first, then DMARC (which needs DKIM's results), the milters, Bayes,
+and the rules last (they score and combine every other filter's hits).
+The submission ports get only the DKIM signer, after the submission
+fix-ups, so the signature covers the message as it leaves.
 """
 
 from __future__ import annotations
 
 from mailbox_appliance.antispam import connection, dnsbl, greylist, helo, rdns, sender_mx, spf
+from mailbox_appliance.antispam.content import ContentScan
+from mailbox_appliance.config import parse_duration
 
 # Checks that also guard the authenticated ports.
 SUBMISSION_CHECKS = frozenset({"ratecontrol", "conncontrol"})
@@ -30,3 +38,39 @@ def build_checks(config, reactor, resolver, state=None):
 def submission_checks(mx_checks):
     """The same connection-limit objects for the submission ports (counts shared)."""
     return [c for c in mx_checks if c.name in SUBMISSION_CHECKS]
+
+
+def content_filters(config, reactor, resolver, state=None):
+    """The MX's content filters, in the order they run (module docstring)."""
+    out = []
+    for module in _content_modules():
+        out += module.filters(config, reactor, resolver, state)
+    return out
+
+
+def _content_modules():
+    return []
+
+
+def content_scan(config, reactor, resolver, state=None):
+    """The MX's end-of-data ContentScan, or None when content filtering is off."""
+    c = config.antispam.content
+    if not c.enabled:
+        return None
+    return ContentScan(reactor, content_filters(config, reactor, resolver, state),
+                       config.server.hostname, tag_score=c.tag_score,
+                       reject_score=c.reject_score, max_scan_size=c.max_scan_size,
+                       timeout=parse_duration(c.scan_timeout))
+
+
+def signing_scan(config, reactor):
+    """The submission ports' end-of-data runner of the DKIM signer, or None."""
+    signers = _signers(config, reactor)
+    if not signers:
+        return None
+    return ContentScan(reactor, signers, config.server.hostname, judge=False,
+                       max_scan_size=config.server.max_message_size)
+
+
+def _signers(config, reactor):
+    return []

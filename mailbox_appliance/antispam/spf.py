@@ -321,7 +321,7 @@ class SPFCheck:
         if (session.trusted or session.authenticated or session.listener != "smtp"
                 or sender is None):
             return None
-        session.spf_result = ""
+        session.spf_result = session.spf_auth = ""
         ip = client_address(session.client_ip)
         if ip is None:
             note(self.name, "skip")
@@ -398,8 +398,10 @@ class SPFCheck:
                      identity=identity, why=outcome.problem or outcome.explanation or "-")
         session.add_trace_header("Received-SPF", received_spf(
             outcome, self.receiver, ip, envelope, helo, identity, kind))
-        session.add_trace_header("Authentication-Results", authentication_results(
-            outcome, self.receiver, envelope, helo, kind))
+        auth = authentication_results(outcome, self.receiver, envelope, helo, kind)
+        # The method part, for the content scan's one combined field.
+        session.spf_auth = auth.partition("; ")[2]
+        session.add_trace_header("Authentication-Results", auth)
         return None
 
 

@@ -63,6 +63,11 @@ def ensure_maildir(path: str) -> None:
         if not os.path.isdir(p):
             os.makedirs(p, mode=0o700, exist_ok=True)
             created.append(p)
+    if os.path.basename(path).startswith(".") and created:
+        # A Maildir++ folder (Junk) made by delivery: marked as the store
+        # marks the folders it creates.
+        with open(os.path.join(path, "maildirfolder"), "wb"):
+            pass
     for parent in sorted({os.path.dirname(p) or "." for p in created}, key=len, reverse=True):
         durable.fsync_dir(parent)
 
@@ -89,10 +94,20 @@ class MaildirDelivery:
     def deliver(self, qmsg, user, delivered_to, index, target_key):
         """Deliver ``qmsg`` to ``user``; fires with True (written) or False (already there)."""
         domain, local = user.mailbox_parts
+        folder = qmsg.envelope.folder
         try:
             path = maildir_path(self.mail_root, domain, local)
         except DeliveryError as e:
             return defer.fail(e)
+        if folder:
+            # Imported here: the store package imports this module.
+            from mailbox_appliance.store.errors import FolderNameError
+            from mailbox_appliance.store.names import folder_path
+            try:
+                path = folder_path(path, folder)
+            except FolderNameError:
+                # Not a name this appliance writes; the INBOX is never wrong.
+                folder = ""
         base = self.unique_name(qmsg, index, target_key)
         d = self.worker.submit(self._write, qmsg, path, base, delivered_to, qmsg.recovered)
 
@@ -103,7 +118,7 @@ class MaildirDelivery:
 
         def written(new):
             if new and self.on_delivered is not None:
-                self.on_delivered(domain, local)
+                self.on_delivered(domain, local, folder)
             return new
         return d.addCallbacks(written, failed)
 

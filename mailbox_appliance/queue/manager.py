@@ -136,7 +136,11 @@ class QueueManager(Service):
     # -- scheduling -----------------------------------------------------------
 
     def submit(self, qmsg):
-        """Queue ``qmsg`` for an immediate attempt."""
+        """Queue ``qmsg`` for an immediate attempt (a held one just waits for release)."""
+        if qmsg.held:
+            self._held[qmsg.qid] = qmsg
+            mail_event(self.log, f"{qmsg.qid}: held by a content filter", qid=qmsg.qid)
+            return
         if self._recovering is not None:
             self._recovering.add(qmsg.qid)
         self._messages[qmsg.qid] = qmsg

@@ -28,7 +28,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from twisted.internet import threads
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -67,6 +67,9 @@ class Envelope:
     notice: str = ""
     # The client declared BODY=8BITMIME (RFC 6152): passed on to the next hop.
     eight_bit: bool = False
+    # The folder local delivery files the message into ("" = INBOX): "Junk"
+    # when the content filters judged it spam without refusing it.
+    folder: str = ""
 
     def to_json(self) -> bytes:
         d = self.__dict__
@@ -77,6 +80,8 @@ class Envelope:
             d = {k: v for k, v in d.items() if k != "notice"}
         if not self.eight_bit:
             d = {k: v for k, v in d.items() if k != "eight_bit"}
+        if not self.folder:
+            d = {k: v for k, v in d.items() if k != "folder"}
         return json.dumps(d, ensure_ascii=True, separators=(",", ":")).encode()
 
     def notify_of(self, idx) -> str:
@@ -181,6 +186,11 @@ class IncomingMessage:
         self.size = 0
         self.error = None
         self.header_len = 0
+        # Set by replace() on a message already partly on disk: the tmp
+        # file is written anew at commit.
+        self.rewrite = False
+        # Committed into hold/ (a content filter's quarantine), not delivered.
+        self.hold = False
 
     def write_header(self):
         """Write the magic and envelope; call once recipients are final."""
@@ -199,6 +209,52 @@ class IncomingMessage:
         self._pending += len(data)
         if self._pending >= self.SPILL:
             self._spill()
+
+    def content(self):
+        """Deferred bytes: the message received (without the envelope header).
+
+        For the end-of-data checks that read the message (content filters),
+        called once nothing more will be written. A message partly on disk
+        is read back in a worker thread after its pending writes.
+        """
+        if self.error is not None:
+            return defer.fail(self.error)
+        if not self.spilled:
+            return defer.succeed(b"".join(self._chunks[1:]))
+        tail = b"".join(self._chunks)
+        start = self.header_len
+        out = defer.Deferred()
+
+        def read():
+            with open(self.tmp_path, "rb") as f:
+                f.seek(start)
+                return f.read() + tail
+
+        def step(_):
+            if self.error is not None:
+                out.errback(self.error)
+                return None
+            r = self.spool._thread(read)
+            r.addCallbacks(out.callback, out.errback)
+            return r.addErrback(lambda _: None)
+        self._io.addCallback(step)
+        return out
+
+    def replace(self, data: bytes, envelope=None):
+        """Commit ``data`` as the message (and ``envelope``, if given) instead.
+
+        What the content filters changed (header fields added, a milter's
+        edits, recipients, the Junk folder). The bytes already on disk are
+        overwritten at commit.
+        """
+        if envelope is not None:
+            self.envelope = envelope
+        head = MAGIC + self.envelope.to_json() + b"\n"
+        self.header_len = len(head)
+        self.size = len(data)
+        self._chunks = [head, data]
+        self._pending = len(head) + len(data)
+        self.rewrite = self.spilled
 
     @property
     def backlogged(self) -> bool:
@@ -263,6 +319,9 @@ class IncomingMessage:
             except OSError:
                 pass
         try:
+            if self.rewrite and self.fd is not None:
+                os.ftruncate(self.fd, 0)
+                os.lseek(self.fd, 0, os.SEEK_SET)
             self._write_all(chunks)
             os.fsync(self.fd)
         finally:
@@ -351,12 +410,14 @@ class Spool:
 
     def commit(self, msg: IncomingMessage):
         """Make ``msg`` durable; fires with a QueuedMessage after both fsyncs."""
-        final = os.path.join(self.active_dir, msg.qid)
-        data = None if msg.spilled else b"".join(msg._chunks[1:])
+        folder = self.hold_dir if msg.hold else self.active_dir
+        final = os.path.join(folder, msg.qid)
+        data = None if msg.spilled and not msg.rewrite else b"".join(msg._chunks[1:])
 
         def durable(_):
             return QueuedMessage(qid=msg.qid, envelope=msg.envelope, path=final,
-                                 body_offset=msg.header_len, size=msg.size, data=data)
+                                 body_offset=msg.header_len, size=msg.size, data=data,
+                                 held=msg.hold)
 
         recycled = self._free.pop() if self._free and not msg.spilled else None
 
@@ -372,7 +433,7 @@ class Spool:
 
         def job():
             msg.finish_in_thread(final, recycled)
-            return None, self.active_dir
+            return None, folder
 
         def finish(_=None):
             return self.worker.submit(job)

@@ -35,6 +35,9 @@ class Verdict:
     text: str
     # Stop asking further checks and accept (e.g. a whitelist).
     final_accept: bool = False
+    # Answer the client with this (2xx) reply but drop the message: a
+    # content filter's "discard".
+    discard: bool = False
 
     @property
     def accepted(self) -> bool:
@@ -116,7 +119,7 @@ class PolicyChain:
             return False, None
         if verdict.final_accept:
             return True, None
-        if not verdict.accepted:
+        if not verdict.accepted or verdict.discard:
             return True, verdict
         return False, None
 

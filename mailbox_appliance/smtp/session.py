@@ -29,6 +29,10 @@ class SessionState:
     envid: str = ""
     notify: list = field(default_factory=list)
     orcpt: list = field(default_factory=list)
+    # What the door's SPF check found for this transaction's sender ("" when
+    # it did not run), and its Authentication-Results method part.
+    spf_result: str = ""
+    spf_auth: str = ""
 
     @property
     def may_relay(self) -> bool:

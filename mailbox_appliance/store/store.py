@@ -76,12 +76,15 @@ class MailStore:
             user = self._users[path] = UserStore(self, path)
         return user
 
-    def notify_delivered(self, domain, local):
-        """Local delivery wrote into ``local@domain``'s INBOX: sync it if a
-        session has it open, so IDLE and the next command see it at once."""
+    def notify_delivered(self, domain, local, folder=""):
+        """Local delivery wrote into ``local@domain``'s INBOX (or ``folder``):
+        sync it if a session has it open, so IDLE and the next command see it
+        at once."""
         try:
             path = self.maildir_of(domain, local)
-        except StoreError:
+            if folder:
+                path = names.folder_path(path, folder)
+        except (StoreError, FolderNameError):
             return defer.succeed(None)
         return self.folder_changed(path)
 

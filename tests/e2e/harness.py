@@ -36,6 +36,10 @@ check_sender_mx = false
 enabled = false
 [antispam.greylist]
 enabled = false
+[antispam.content]
+enabled = false
+[antispam.dkim]
+sign = false
 """
 
 
