@@ -164,6 +164,7 @@ class ConnectionControlConfig:
     greet_pause: str = "0s"
     max_connections_per_ip: int = 20
     max_connection_rate: int = 60
+    max_message_rate: int = 100         # MAIL commands per rate_window
     rate_window: str = "60s"
     bad_rcpt_throttle: int = 3
     bad_rcpt_limit: int = 20
@@ -629,8 +630,8 @@ def _validate_antispam(p, a):
             raise ConfigError(f"{p}: [antispam.{sub}] {key}: expected a duration like \"5m\"")
     _validate_content(p, a)
     c = a.connection
-    for key in ("max_connections_per_ip", "max_connection_rate", "bad_rcpt_throttle",
-                "bad_rcpt_limit"):
+    for key in ("max_connections_per_ip", "max_connection_rate", "max_message_rate",
+                "bad_rcpt_throttle", "bad_rcpt_limit"):
         if getattr(c, key) <= 0:
             raise ConfigError(f"{p}: [antispam.connection] {key}: expected a positive number")
     if a.dns.require_rdns not in ("off", "tempfail", "reject"):

@@ -117,6 +117,37 @@ class RateTests(unittest.TestCase):
         self.assertEqual(len(rate), 50)
 
 
+class MessageRateTests(unittest.TestCase):
+    """security.md H5: 101 messages a minute from one client: 450 4.7.1."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.check = connection.MessageRate(self.clock, 100, 60)
+
+    def test_hundred_and_first_message_in_a_minute(self):
+        s = session()
+        for _ in range(100):
+            self.assertIsNone(self.check.check("mail", s, None))
+        v = self.check.check("mail", s, None)
+        self.assertEqual(v.reply, "450 4.7.1 Error: too much mail from 192.0.2.1")
+        # Another client is not affected; the window ends.
+        self.assertIsNone(self.check.check("mail", session("192.0.2.2"), None))
+        self.clock.advance(60)
+        self.assertIsNone(self.check.check("mail", s, None))
+
+    def test_one_64_is_one_client(self):
+        for i in range(100):
+            self.assertIsNone(self.check.check("mail", session(f"2001:db8::{i:x}"), None))
+        self.assertEqual(self.check.check("mail", session("2001:db8::ffff"), None).code, 450)
+
+    def test_submission_authenticated_and_trusted_exempt(self):
+        for s in (session(listener="submission"), session(authenticated="alice"),
+                  session(trusted=True)):
+            for _ in range(150):
+                self.assertIsNone(self.check.check("mail", s, None))
+        self.assertEqual(len(self.check), 0)
+
+
 class CountTests(unittest.TestCase):
 
     def setUp(self):
@@ -239,16 +270,17 @@ class ChecksTests(unittest.TestCase):
 
     def test_defaults(self):
         names = [c.name for c in connection.checks(config(), Clock(), None)]
-        self.assertEqual(names, ["ratecontrol", "conncontrol", "bad_rcpt"])
+        self.assertEqual(names, ["ratecontrol", "conncontrol", "msgrate", "bad_rcpt"])
 
     def test_greet_pause_enabled(self):
         cs = connection.checks(config(greet_pause="6s", max_connection_rate=5,
                                       rate_window="2m", max_connections_per_ip=3,
                                       bad_rcpt_throttle=4, bad_rcpt_limit=9), Clock(), None)
         self.assertEqual([c.name for c in cs],
-                         ["ratecontrol", "conncontrol", "greetpause", "bad_rcpt"])
-        self.assertEqual((cs[0].limit, cs[0].window, cs[1].limit, cs[2].seconds,
-                          cs[3].throttle, cs[3].limit), (5, 120, 3, 6, 4, 9))
+                         ["ratecontrol", "conncontrol", "msgrate", "greetpause", "bad_rcpt"])
+        self.assertEqual((cs[0].limit, cs[0].window, cs[1].limit, cs[2].limit, cs[2].window,
+                          cs[3].seconds, cs[4].throttle, cs[4].limit),
+                         (5, 120, 3, 100, 120, 6, 4, 9))
 
 
 class NotifyTests(unittest.TestCase):

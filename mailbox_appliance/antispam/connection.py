@@ -9,7 +9,9 @@ sendmail's ``BadRcptThrottle`` as four policy checks:
 - ``greetpause``: the banner held for ``greet_pause`` seconds; a client that
   talks before it is refused by the receiver (554 5.5.0);
 - ``bad_rcpt``: after ``bad_rcpt_throttle`` refused recipients in one session
-  each further RCPT waits a second, after ``bad_rcpt_limit`` the session ends.
+  each further RCPT waits a second, after ``bad_rcpt_limit`` the session ends;
+- ``msgrate``: messages (MAIL commands) of one client per ``rate_window``
+  (anvil's message rate): past ``max_message_rate``, 450 4.7.1.
 
 A client is its IP address, an IPv6 client its /64: one host can have a
 whole /64 to itself, and counting its addresses one by one would give it
@@ -69,19 +71,13 @@ def _delay(reactor, seconds):
     return d, call
 
 
-@implementer(IPolicyCheck)
-class ConnectionRate:
-    """New connections per client in a window of time (anvil's connection rate).
+class _RateWindows:
+    """Events per client in fixed windows of time, in a bounded table.
 
-    A window starts with a client's first connection and lasts ``window``
-    seconds; past ``limit`` connections in it, the client gets 421 until the
-    window is over. Refused attempts count too: a client hammering the port
-    stays refused. The table is ordered by window start, so expired entries
-    are dropped from its front, and it never holds more than ``max_clients``.
+    A window starts with a client's first event and lasts ``window``
+    seconds. The table is ordered by window start, so expired entries are
+    dropped from its front, and it never holds more than ``max_clients``.
     """
-
-    name = "ratecontrol"
-    stages = frozenset({"connect"})
 
     def __init__(self, reactor, limit, window, max_clients=MAX_RATE_CLIENTS):
         self.reactor = reactor
@@ -102,21 +98,59 @@ class ConnectionRate:
     def __len__(self):
         return len(self._windows)
 
-    def check(self, stage, session, argument):
-        if _exempt(session):
-            return None
+    def over_limit(self, ip) -> bool:
+        """Count one event of ``ip``; True once its window holds more than ``limit``."""
         now = self.reactor.seconds()
         self._expire(now)
-        key = client_key(session.client_ip)
+        key = client_key(ip)
         entry = self._windows.get(key)
         if entry is None:
             while len(self._windows) >= self.max_clients:
                 self._windows.popitem(last=False)
             entry = self._windows[key] = [now, 0]
         entry[1] += 1
-        if entry[1] > self.limit:
+        return entry[1] > self.limit
+
+
+@implementer(IPolicyCheck)
+class ConnectionRate(_RateWindows):
+    """New connections per client in a window of time (anvil's connection rate).
+
+    Past ``limit`` connections in a window the client gets 421 until the
+    window is over. Refused attempts count too: a client hammering the port
+    stays refused.
+    """
+
+    name = "ratecontrol"
+    stages = frozenset({"connect"})
+
+    def check(self, stage, session, argument):
+        if _exempt(session):
+            return None
+        if self.over_limit(session.client_ip):
             return refuse(self.name, session, 421, "4.7.0",
                           f"Error: too many connections from {session.client_ip}")
+        return None
+
+
+@implementer(IPolicyCheck)
+class MessageRate(_RateWindows):
+    """Messages per client in a window of time (anvil's message rate).
+
+    Counted at MAIL: past ``limit`` in a window, MAIL gets 450 4.7.1 until
+    the window is over (the client may keep its connection and try later).
+    Only on the MX: an authenticated user's mail is not a stranger's flood.
+    """
+
+    name = "msgrate"
+    stages = frozenset({"mail"})
+
+    def check(self, stage, session, argument):
+        if session.may_relay or session.listener != "smtp":
+            return None
+        if self.over_limit(session.client_ip):
+            return refuse(self.name, session, 450, "4.7.1",
+                          f"Error: too much mail from {session.client_ip}")
         return None
 
 
@@ -265,8 +299,10 @@ def checks(config, reactor, resolver, state=None):
     submission ports); the greet pause only when ``greet_pause`` > 0.
     """
     c = config.antispam.connection
-    out = [ConnectionRate(reactor, c.max_connection_rate, parse_duration(c.rate_window)),
-           ConnectionCount(c.max_connections_per_ip)]
+    window = parse_duration(c.rate_window)
+    out = [ConnectionRate(reactor, c.max_connection_rate, window),
+           ConnectionCount(c.max_connections_per_ip),
+           MessageRate(reactor, c.max_message_rate, window)]
     pause = parse_duration(c.greet_pause)
     if pause > 0:
         out.append(GreetPause(reactor, pause))

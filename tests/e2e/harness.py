@@ -25,6 +25,7 @@ ANTISPAM_OFF = """
 [antispam.connection]
 max_connections_per_ip = 100000
 max_connection_rate = 1000000
+max_message_rate = 1000000
 bad_rcpt_throttle = 100000
 bad_rcpt_limit = 100000
 [antispam.helo]
