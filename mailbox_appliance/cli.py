@@ -7,6 +7,11 @@
     mailappliance [--config PATH] queue hold|release|delete ID [--json]
     mailappliance [--config PATH] greylist [list] [--json]
     mailappliance [--config PATH] greylist whitelist|delete IP SENDER RECIPIENT [--json]
+    mailappliance [--config PATH] spam explain FILE [--json]
+    mailappliance [--config PATH] dkim keygen DOMAIN [--selector S]
+    mailappliance [--config PATH] bayes train --spam|--ham PATH [--user ADDRESS]
+
+(The last three are in ``cli_content.py``.)
 
 It reads the same configuration and ``data_dir`` as a running appliance and
 never needs it stopped. Listing and showing read the queue files (safe at
@@ -651,6 +656,9 @@ def build_parser():
         p.add_argument("ip", help="client address, or its network as listed")
         p.add_argument("sender", help="envelope sender (<> for the null sender)")
         p.add_argument("recipient", help="envelope recipient")
+
+    from mailbox_appliance.cli_content import add_commands
+    add_commands(sub, json_flag)
     return parser
 
 

@@ -95,6 +95,31 @@ class ContentResult:
 
 
 ACTIONS = ("junk", "hold", "discard")
+
+
+@dataclass
+class Judgement:
+    """Every filter's findings on one message, added up by ContentScan.evaluate.
+
+    ``results`` lists (filter name, ContentResult or None, problem text)
+    in the order the filters ran; ``verdict`` is the refusal (by
+    ``decided_by``), if any; ``spam`` says the score reached tag_score.
+    """
+
+    hits: dict = field(default_factory=dict)
+    auth: list = field(default_factory=list)
+    headers: list = field(default_factory=list)
+    rewrites: list = field(default_factory=list)
+    add_recipients: list = field(default_factory=list)
+    remove_recipients: list = field(default_factory=list)
+    reasons: list = field(default_factory=list)
+    results: list = field(default_factory=list)
+    action: str | None = None
+    verdict: Verdict | None = None
+    decided_by: str = ""
+    score: float = 0.0
+    spam: bool = False
+    elapsed: float = 0.0
 # Which action wins when filters disagree: the strongest.
 _STRENGTH = {None: 0, "junk": 1, "hold": 2, "discard": 3}
 
@@ -198,96 +223,119 @@ class ContentScan:
         d.addCallback(lambda msg: defer.ensureDeferred(self._scan(msg, session, view)))
         return d
 
-    async def _scan(self, msg, session, view):
+    async def evaluate(self, msg, session, qid="-"):
+        """Run the filters on ``msg`` and add up their findings: a Judgement.
+
+        ``msg.facts`` gets what the session knows (queue id, SPF result).
+        Nothing is changed or logged as a decision: ``spam explain`` calls
+        this too.
+        """
         started = time.monotonic()
-        msg.facts["qid"] = view.qid
-        msg.facts["spf"] = (session.spf_result, session.sender.domain
-                            if session.sender is not None and not session.sender.null
-                            else session.helo)
+        msg.facts["qid"] = qid
+        sender = session.sender
+        msg.facts["spf"] = (session.spf_result, sender.domain
+                            if sender is not None and not sender.null else session.helo)
         msg.facts.setdefault("dnsbl", list(getattr(session, "dnsbl_listed", ()) or ()))
-        hits = msg.facts["hits"] = {}
-        auth = [session.spf_auth] if session.spf_auth else []
-        added, rewrites, add_rcpts, remove_rcpts = [], [], [], []
-        action, reasons = None, []
+        j = Judgement(hits={})
+        msg.facts["hits"] = j.hits
+        if session.spf_auth:
+            j.auth.append(session.spf_auth)
         deadline = self.reactor.seconds() + self.timeout
         for f in self.filters:
             left = deadline - self.reactor.seconds()
             if left <= 0:
                 note(self.name, "timeout")
-                log.warn("{qid}: content scan out of time before {name}", qid=view.qid,
-                         name=f.name)
+                log.warn("{qid}: content scan out of time before {name}", qid=qid, name=f.name)
+                j.results.append((f.name, None, "not run: out of time"))
                 break
             try:
                 result = await defer.maybeDeferred(f.scan, msg, session).addTimeout(
                     left, self.reactor)
             except defer.TimeoutError:
                 note(self.name, "timeout")
-                log.warn("{qid}: content filter {name} out of time", qid=view.qid, name=f.name)
+                log.warn("{qid}: content filter {name} out of time", qid=qid, name=f.name)
+                j.results.append((f.name, None, "out of time"))
                 continue
-            except Exception:
+            except Exception as e:
                 note(self.name, "filter-error")
-                log.failure("{qid}: content filter {name} failed", qid=view.qid, name=f.name)
+                log.failure("{qid}: content filter {name} failed", qid=qid, name=f.name)
+                j.results.append((f.name, None, f"failed: {e}"))
                 continue
+            j.results.append((f.name, result, ""))
             if result is None:
                 continue
-            hits.update(result.hits)
-            auth += result.auth
-            added += result.headers
+            j.hits.update(result.hits)
+            j.auth += result.auth
+            j.headers += result.headers
             if result.rewrite is not None:
-                rewrites.append(result.rewrite)
-            add_rcpts += result.add_recipients
-            remove_rcpts += result.remove_recipients
+                j.rewrites.append(result.rewrite)
+            j.add_recipients += result.add_recipients
+            j.remove_recipients += result.remove_recipients
             if result.reason:
-                reasons.append(f"{f.name}: {result.reason}")
+                j.reasons.append(f"{f.name}: {result.reason}")
             if result.verdict is not None:
-                log.info("{qid}: refused by content filter {name}: {reply}", qid=view.qid,
-                         name=f.name, reply=result.verdict.reply)
-                return refuse(f.name, session, result.verdict.code, result.verdict.enhanced,
-                              result.verdict.text)
+                j.verdict, j.decided_by = result.verdict, f.name
+                break
             if result.action in ACTIONS:
-                action = _strongest(action, result.action)
-        score = round(sum(hits.values()), 1)
-        spam = self.judge and score >= self.tag_score
+                j.action = _strongest(j.action, result.action)
+        j.score = round(sum(j.hits.values()), 1)
+        if self.judge and j.verdict is None:
+            if j.score >= self.reject_score:
+                j.verdict = Verdict(550, "5.7.1", f"Message rejected as spam (score {j.score:.1f})")
+                j.decided_by = self.name
+            elif j.score >= self.tag_score:
+                j.spam = True
+                j.action = _strongest(j.action, "junk")
+        j.elapsed = time.monotonic() - started
+        return j
+
+    async def _scan(self, msg, session, view):
+        j = await self.evaluate(msg, session, view.qid)
         if self.judge:
-            tests = sorted(n for n in hits)
             log.info("{qid}: content score {score} ({tests}) in {ms:.1f} ms{why}",
-                     qid=view.qid, score=score, tests=",".join(tests) or "none",
-                     ms=(time.monotonic() - started) * 1000,
-                     why=("; " + "; ".join(reasons)) if reasons else "")
-            if score >= self.reject_score:
-                return refuse(self.name, session, 550, "5.7.1",
-                              f"Message rejected as spam (score {score:.1f})")
-            note(self.name, "spam" if spam else "ham")
-            if spam:
-                action = _strongest(action, "junk")
-        if action == "discard" or (remove_rcpts and not add_rcpts
-                                   and set(map(str.lower, remove_rcpts))
-                                   >= {str(r).lower() for r in view.incoming.envelope.recipients}):
+                     qid=view.qid, score=j.score, tests=",".join(sorted(j.hits)) or "none",
+                     ms=j.elapsed * 1000, why=("; " + "; ".join(j.reasons)) if j.reasons else "")
+        if j.verdict is not None:
+            log.info("{qid}: refused by content filter {name}: {reply}", qid=view.qid,
+                     name=j.decided_by, reply=j.verdict.reply)
+            return refuse(j.decided_by, session, j.verdict.code, j.verdict.enhanced,
+                          j.verdict.text)
+        if self.judge:
+            note(self.name, "spam" if j.spam else "ham")
+        envelope = view.incoming.envelope
+        if j.action == "discard" or (j.remove_recipients and not j.add_recipients and {
+                a.lower() for a in j.remove_recipients} >= {
+                str(r).lower() for r in envelope.recipients}):
             note(self.name, "discard")
             log.info("{qid}: discarded by the content filters", qid=view.qid)
             return Verdict(250, "2.0.0", "Ok", discard=True)
-        if not (self.judge or added or rewrites or add_rcpts or remove_rcpts or action):
+        if not (self.judge or j.headers or j.rewrites or j.add_recipients
+                or j.remove_recipients or j.action):
             return None
-        fields = []
-        if self.judge:
-            fields.append(("Authentication-Results",
-                           f"{self.hostname};" + ("\r\n\t" + ";\r\n\t".join(auth) if auth
-                                                  else " none")))
-            if spam:
-                fields.append(("X-Spam-Flag", "YES"))
-            fields.append(("X-Spam-Score", f"{score:.1f}"))
-            fields.append(("X-Spam-Status", f"{'Yes' if spam else 'No'}, score={score:.1f} "
-                           f"required={self.tag_score:.1f}\r\n\ttests="
-                           + (_fold_list(sorted(hits)) if hits else "none")))
-        fields += added
+        fields = self.summary_fields(j) if self.judge else []
+        fields += j.headers
         raw = msg.raw
-        for rewrite in rewrites:
+        for rewrite in j.rewrites:
             raw = rewrite(raw)
         if self.judge:
             raw = remove_fields(raw, self._forged)
         top = "".join(f"{n}: {_clean(v)}\r\n" for n, v in fields).encode("utf-8", "replace")
-        self._amend(view.incoming, top + raw, action, add_rcpts, remove_rcpts)
+        self._amend(view.incoming, top + raw, j.action, j.add_recipients, j.remove_recipients)
         return None
+
+    def summary_fields(self, j):
+        """Authentication-Results and the X-Spam fields for a Judgement."""
+        auth = j.auth
+        fields = [("Authentication-Results",
+                   f"{self.hostname};" + ("\r\n\t" + ";\r\n\t".join(auth) if auth
+                                          else " none"))]
+        if j.spam:
+            fields.append(("X-Spam-Flag", "YES"))
+        fields.append(("X-Spam-Score", f"{j.score:.1f}"))
+        fields.append(("X-Spam-Status", f"{'Yes' if j.spam else 'No'}, score={j.score:.1f} "
+                       f"required={self.tag_score:.1f}\r\n\ttests="
+                       + (_fold_list(sorted(j.hits)) if j.hits else "none")))
+        return fields
 
     def _forged(self, name, value) -> bool:
         if name == "authentication-results":

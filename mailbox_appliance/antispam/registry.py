@@ -52,6 +52,11 @@ def _content_modules():
     return []
 
 
+def open_content_state(config, reactor):
+    """The services the content filters keep their state in (started by the caller)."""
+    return []
+
+
 def content_scan(config, reactor, resolver, state=None):
     """The MX's end-of-data ContentScan, or None when content filtering is off."""
     c = config.antispam.content
