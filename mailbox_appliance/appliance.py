@@ -246,8 +246,40 @@ class Appliance(service.MultiService):
         self.receive_worker.start()
         self.delivery_worker.start()
         super().startService()
+        self._install_sighup()
+
+    def _install_sighup(self):
+        """SIGHUP reloads what can change without a restart (the rule files)."""
+        import signal
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            self._previous_sighup = signal.signal(
+                signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        except (ValueError, OSError, AttributeError):
+            self._previous_sighup = None
+
+    def reload(self):
+        """Reload every content filter that can (``reload()``); errors are logged."""
+        scan = getattr(self, "content_scan", None)
+        for f in scan.filters if scan is not None else ():
+            reload = getattr(f, "reload", None)
+            if reload is None:
+                continue
+            try:
+                reload()
+                self.log.info("reloaded {name}", name=f.name)
+            except Exception:
+                self.log.failure("reloading {name} failed", name=f.name)
 
     def stopService(self):
+        previous = getattr(self, "_previous_sighup", None)
+        if previous is not None:
+            import signal
+            signal.signal(signal.SIGHUP, previous)
+            self._previous_sighup = None
+
         def workers_down(result):
             if "control" in self.listeners:
                 _remove_control_socket(os.path.join(self.config.server.data_dir,

@@ -490,7 +490,7 @@ class ReceiverTests(ApplianceMixin, unittest.TestCase):
             b"\tspf=pass smtp.mailfrom=joe@spf.test",
             b"X-Spam-Score: 0.0",
             b"X-Spam-Status: No, score=0.0 required=5.0",
-            b"\ttests=none",
+            b"\ttests=SPF_PASS",
             b"Received-SPF: pass (mx.example.test: domain of joe@spf.test designates "
             b"127.0.0.2 as permitted sender)",
             b'\tclient-ip=127.0.0.2; envelope-from="joe@spf.test"; helo=client.example.org; '

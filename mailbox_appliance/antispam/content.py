@@ -240,6 +240,11 @@ class ContentScan:
         msg.facts["hits"] = j.hits
         if session.spf_auth:
             j.auth.append(session.spf_auth)
+        # The door's findings join the score as hits (scored by the rules).
+        if session.spf_result:
+            j.hits[f"SPF_{session.spf_result.upper()}"] = 0.0
+        if msg.facts["dnsbl"]:
+            j.hits["RCVD_IN_DNSBL"] = 0.0
         deadline = self.reactor.seconds() + self.timeout
         for f in self.filters:
             left = deadline - self.reactor.seconds()
