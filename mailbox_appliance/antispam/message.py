@@ -14,9 +14,8 @@ what was kept; ``truncated`` says that something was left out.
 
 from __future__ import annotations
 
+import binascii
 import email.header
-import email.parser
-import email.policy
 import html.parser
 import re
 from dataclasses import dataclass, field
@@ -171,33 +170,45 @@ class ScannedMessage:
         return values[0] if values else default
 
     def _walk_body(self):
-        try:
-            msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(self.raw)
-        except Exception:       # the stdlib parser is lenient; never fail the scan on it
-            self.truncated = True
-            return
+        """Collect the text of the MIME tree, depth first, within the bounds.
+
+        A walker of our own rather than the stdlib parser: that one parses
+        every part of a 100,000-part message and every parameter of a
+        Content-Type flood before we could stop it, and recurses once per
+        nesting level. This one reads only what it keeps.
+        """
         texts, raws, links = [], [], []
         size = 0
-        stack = [(msg, 0)]
+        # (header fields, body bytes, depth)
+        stack = [(self.raw_headers, self.body, 0)]
         while stack:
-            part, depth = stack.pop()
-            if part.is_multipart():
+            fields, body, depth = stack.pop()
+            ctype, params = content_type(_field(fields, "content-type"))
+            if ctype.startswith("multipart/") or ctype == "message/rfc822":
                 if depth >= MAX_DEPTH:
                     self.truncated = True
                     continue
-                payload = part.get_payload()
-                if isinstance(payload, list):
-                    stack.extend((p, depth + 1) for p in reversed(payload))
+                if ctype == "message/rfc822":
+                    block, inner = split_message(body)
+                    stack.append((raw_header_fields(block, 100), inner, depth + 1))
+                    continue
+                parts = _split_multipart(body, params.get("boundary", ""),
+                                         MAX_PARTS - self.parts + 1)
+                for part in reversed(parts):
+                    block, inner = split_message(part)
+                    stack.append((raw_header_fields(block, 100), inner, depth + 1))
                 continue
             self.parts += 1
             if self.parts > MAX_PARTS:
+                self.parts = MAX_PARTS
                 self.truncated = True
                 break
-            if part.get_content_maintype() != "text" or size >= MAX_TEXT:
+            if not ctype.startswith("text/") or size >= MAX_TEXT:
                 continue
-            text = _decoded_text(part, MAX_TEXT - size)
+            text = decode_body(body, _field(fields, "content-transfer-encoding"),
+                               params.get("charset", ""), MAX_TEXT - size)
             raws.append(text)
-            if part.get_content_subtype() == "html":
+            if ctype == "text/html":
                 text, found = html_to_text(text, MAX_TEXT - size)
                 links += found
             texts.append(text)
@@ -209,17 +220,85 @@ class ScannedMessage:
         self.uris = _uris(links, self.text + "\n" + self.rawbody)
 
 
-def _decoded_text(part, limit) -> str:
-    """A text part's payload decoded (transfer encoding and charset), bounded."""
-    try:
-        data = part.get_payload(decode=True) or b""
-    except Exception:
-        data = b""
-    charset = part.get_content_charset() or "us-ascii"
-    data = data[:limit * 4]
+_PARAM = re.compile(r"""\s*([A-Za-z0-9*_.-]{1,64})\s*=\s*("(?:[^"\\]|\\.){0,998}"|[^;\s]{0,998})""")
+MAX_PARAMS = 20
+
+
+def _field(fields, name) -> str:
+    """The first raw value of field ``name`` as text (unfolded), or ""."""
+    for n, v in fields:
+        if n.lower() == name:
+            return _FOLD.sub(" ", v.decode("latin-1"))[:4096].strip()
+    return ""
+
+
+def content_type(value: str):
+    """(type/subtype lower-case, {param: value}) of a Content-Type value.
+
+    No Content-Type, or one that does not parse, is text/plain (RFC 2045
+    §5.2). At most MAX_PARAMS parameters are read (RFC 2231 floods).
+    """
+    main, _, rest = value.partition(";")
+    main = main.strip().lower()
+    if not re.match(r"^[a-z0-9!#$&.+^_-]+/[a-z0-9!#$&.+^_-]+$", main):
+        main = "text/plain"
+    params = {}
+    for m in _PARAM.finditer(rest):
+        if len(params) >= MAX_PARAMS:
+            break
+        v = m.group(2)
+        if v.startswith('"'):
+            v = re.sub(r"\\(.)", r"\1", v[1:-1])
+        params.setdefault(m.group(1).lower(), v)
+    return main, params
+
+
+def _split_multipart(body: bytes, boundary: str, limit: int) -> list:
+    """The parts of a multipart body (at most ``limit``), preamble and epilogue dropped."""
+    if not boundary or len(boundary) > 200:
+        return []
+    delim = re.compile(rb"(?m)^--" + re.escape(boundary.encode("latin-1", "replace"))
+                       + rb"(--)?[ \t]*\r?$")
+    parts, start = [], None
+    for m in delim.finditer(body):
+        if start is not None:
+            # The line end before a delimiter belongs to the delimiter.
+            end = m.start()
+            end -= 2 if body[end - 2:end] == b"\r\n" else (1 if body[end - 1:end] == b"\n" else 0)
+            parts.append(body[start:max(start, end)])
+            if len(parts) >= limit:
+                break
+        if m.group(1):
+            break
+        start = m.end()
+        start += 2 if body[start:start + 2] == b"\r\n" else (1 if body[start:start + 1] == b"\n" else 0)
+    return parts
+
+
+def decode_body(body: bytes, encoding: str, charset: str, limit: int) -> str:
+    """A leaf's text: transfer encoding and charset undone, never raising."""
+    encoding = encoding.strip().lower()
+    data = body[:limit * 8]
+    if encoding == "base64":
+        # Padding and stray characters dropped, then padding made right
+        # again: a damaged part still yields what it holds.
+        data = re.sub(rb"[^A-Za-z0-9+/]", b"", data)
+        if len(data) % 4 == 1:
+            data = data[:-1]
+        data += b"=" * (-len(data) % 4)
+        try:
+            data = binascii.a2b_base64(data)
+        except binascii.Error:
+            data = b""
+    elif encoding == "quoted-printable":
+        try:
+            data = binascii.a2b_qp(data)
+        except binascii.Error:
+            pass
+    charset = charset.strip().lower() or "us-ascii"
     try:
         return data.decode(charset, "replace")[:limit]
-    except LookupError:
+    except (LookupError, ValueError):
         return data.decode("latin-1")[:limit]
 
 
