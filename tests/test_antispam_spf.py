@@ -429,6 +429,11 @@ check_sender_mx = false
 enabled = false
 [antispam.greylist]
 enabled = false
+[antispam.dkim]
+verify = false
+sign = false
+[antispam.dmarc]
+enabled = false
 """
 
 

@@ -49,7 +49,8 @@ def content_filters(config, reactor, resolver, state=None):
 
 
 def _content_modules():
-    return []
+    from mailbox_appliance.antispam import dkim_verify, dmarc
+    return [dkim_verify, dmarc]
 
 
 def open_content_state(config, reactor):
@@ -78,4 +79,5 @@ def signing_scan(config, reactor):
 
 
 def _signers(config, reactor):
-    return []
+    from mailbox_appliance.antispam import dkim_sign
+    return dkim_sign.signers(config, reactor)
