@@ -224,6 +224,16 @@ class KeyTests(unittest.TestCase):
         # Said once per change of the file.
         self.assertEqual(store.get_with_problem("example.org"), (None, ""))
 
+    def test_store_refuses_a_key_too_small_for_dkim(self):
+        folder = os.path.join(self.data_dir, "dkim")
+        os.makedirs(folder)
+        pem, _ = pem_and_p(small_rsa_key(512))
+        with open(os.path.join(folder, "example.org.mail.key"), "wb") as f:
+            f.write(pem)
+        key, problem = dkim_keys.KeyStore(folder, "mail").get_with_problem("example.org")
+        self.assertIsNone(key)
+        self.assertIn("512 bits", problem)
+
 
 class DNSTestBase(unittest.TestCase):
     """Keys made in setUp and published in a loopback DNS server."""

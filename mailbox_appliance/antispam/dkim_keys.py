@@ -219,14 +219,18 @@ def read_key(path, selector) -> SigningKey:
         raise KeyFileError(f"{path}: {e.strerror or e}") from None
     try:
         key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, Exception) as e:
+    except Exception as e:      # cryptography raises several kinds for bad input
         raise KeyFileError(f"{path}: not a PEM private key without a password "
-                        f"({type(e).__name__})") from None
+                           f"({type(e).__name__})") from None
     if isinstance(key, ed25519.Ed25519PrivateKey):
         seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                  serialization.NoEncryption())
         return SigningKey("ed25519", base64.b64encode(seed), selector, path, 256)
     if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < MIN_BITS:
+            # Every verifier would call the signature a failure (RFC 8301).
+            raise KeyFileError(f"{path}: an RSA key of {key.key_size} bits; DKIM needs at "
+                               f"least {MIN_BITS}")
         # dkimpy reads PKCS#1 or PKCS#8 PEM with LF line ends: give it
         # PKCS#1 whatever the file had.
         pem = key.private_bytes(serialization.Encoding.PEM,
@@ -241,7 +245,7 @@ def record_of(path, domain, selector) -> str:
     try:
         with open(path, "rb") as f:
             key = serialization.load_pem_private_key(f.read(65536), password=None)
-    except (OSError, ValueError, TypeError, Exception) as e:
+    except Exception as e:      # unreadable, or not a key (several kinds)
         raise KeyFileError(f"{type(e).__name__}") from None
     return txt_record(domain, selector, *public_b64(key))
 
