@@ -28,7 +28,7 @@ def message(headers=(), body="", hits=None, **envelope):
     head = "".join(f"{n}: {v}\r\n" for n, v in headers)
     m = ScannedMessage.parse((head + "\r\n" + body).encode("utf-8"), **envelope)
     if hits is not None:
-        m.hits = dict(hits)
+        m.facts["hits"] = dict(hits)        # as the content scan leaves them
     return m
 
 
@@ -456,7 +456,8 @@ class BudgetTests(unittest.TestCase):
         self.assertEqual(rules.parse_budget("200ms"), 0.2)
         self.assertEqual(rules.parse_budget(1), 1.0)
         self.assertEqual(rules.parse_budget(".5"), 0.5)
-        for bad in ("", "fast", "-1s", "0", "100s", True):
+        self.assertEqual(rules.parse_budget("1m"), 60)
+        for bad in ("", "fast", "-1s", "0", "100s", "2m", True):
             self.assertRaises(ValueError, rules.parse_budget, bad)
 
 
@@ -517,6 +518,22 @@ class FilterTests(unittest.TestCase):
         self.assertIsInstance(result, ContentResult)
         self.assertEqual(result.hits, {"A": 1.0, "SPF_FAIL": 2.5})
         self.assertIsNone(self.successResultOf(f.scan(message(body="y"), None)))
+
+    def test_hits_copied_before_the_thread(self):
+        calls = []
+        f = RulesFilter([self.write("meta M SPF_FAIL && !LATER\n")], default_rules=False,
+                        run_in_thread=lambda fn, *a: calls.append((fn, a)) or defer.Deferred())
+        msg = message(body="x", hits={"SPF_FAIL": 0})
+        f.scan(msg, None)
+        msg.facts["hits"]["LATER"] = 1.0
+        fn, args = calls[0]
+        self.assertEqual(fn(*args), ({"M": 1.0}, False))
+
+    def test_hits_attribute(self):
+        msg = message(body="x")
+        msg.hits = {"BAYES_99": 0.0}
+        self.assertEqual(hits_of("meta M BAYES_99\nscore BAYES_99 3\n", msg),
+                         {"M": 1.0, "BAYES_99": 3.0})
 
     @defer.inlineCallbacks
     def test_runs_in_a_worker_thread(self):
@@ -607,11 +624,11 @@ class DefaultRulesTests(unittest.TestCase):
 
     def total(self, name, others=None, **envelope):
         msg = fixture(name, **envelope)
-        msg.hits = dict(others or {})
+        msg.facts["hits"] = dict(others or {})
         hits, timed_out = self.rules.evaluate(msg)
         self.assertFalse(timed_out)
         # As the content scan adds them up: ours replace the others' scores.
-        return sum({**msg.hits, **hits}.values()), hits
+        return sum({**msg.facts["hits"], **hits}.values()), hits
 
     def test_ham_scores_low(self):
         for name in ("ham_personal.eml", "ham_newsletter.eml"):

@@ -117,6 +117,7 @@ from zope.interface import implementer
 
 from mailbox_appliance.antispam.content import ContentResult, IContentFilter
 from mailbox_appliance.antispam.message import decode_value
+from mailbox_appliance.config import parse_duration
 
 try:                                # the regular expression parser and compiler
     from re import _compiler as sre_compile, _parser as sre_parse
@@ -1130,14 +1131,17 @@ class RuleSet:
 
     # -- running
 
-    def evaluate(self, message, budget=DEFAULT_BUDGET, timer=time.thread_time):
+    def evaluate(self, message, budget=DEFAULT_BUDGET, timer=time.thread_time, others=None):
         """(hits {NAME: score}, timed out?) of the rules on a ScannedMessage.
 
-        CPU work: run it in a worker thread. ``budget`` seconds of ``timer``
-        at most, checked between rules.
+        ``others``: the hits of the filters that ran before (by default
+        those the message carries, see ``other_hits``). CPU work: run it in
+        a worker thread. ``budget`` seconds of ``timer`` at most, checked
+        between rules.
         """
         target = Target(message)
-        others = getattr(message, "hits", None) or {}
+        if others is None:
+            others = other_hits(message)
         fired = {name: 1.0 for name in others}
         start = timer()
         deadline = start + budget
@@ -1186,6 +1190,15 @@ class RuleSet:
         if timed_out:
             hits[TIMEOUT_HIT] = 0.0
         return hits, timed_out
+
+
+def other_hits(message) -> dict:
+    """A copy of the hits the earlier filters left on ``message``
+    (``message.hits``, or the content scan's ``facts["hits"]``)."""
+    found = getattr(message, "hits", None)
+    if found is None:
+        found = getattr(message, "facts", {}).get("hits")
+    return dict(found or {})
 
 
 def _cycle_members(message):
@@ -1356,8 +1369,11 @@ class RulesFilter:
 
     def scan(self, message, session):
         ruleset = self.ruleset
+        # Copied here, in the reactor thread: the scan's dict may change
+        # while the worker reads it if the scan gives up waiting for us.
+        others = other_hits(message)
         d = defer.maybeDeferred(self._run_in_thread, ruleset.evaluate, message,
-                                self.time_budget, self.timer)
+                                self.time_budget, self.timer, others)
 
         def done(result):
             hits, timed_out = result
@@ -1374,15 +1390,20 @@ _BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s)?\s*$")
 
 
 def parse_budget(value) -> float:
-    """Seconds in ``0.2``, ``"0.2s"`` or ``"200ms"``."""
+    """Seconds in ``0.2``, ``"0.2s"``, ``"200ms"`` (or any configuration
+    duration such as ``"1m"``), at most 60."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     else:
         m = _BUDGET.match(str(value))
-        if not m:
-            raise ValueError(f"time_budget: expected seconds like '0.2s' or '200ms', "
-                             f"got {value!r}")
-        seconds = float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+        if m:
+            seconds = float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+        else:
+            try:
+                seconds = float(parse_duration(value))
+            except (ValueError, TypeError):
+                raise ValueError(f"time_budget: expected seconds like '0.2s' or '200ms', "
+                                 f"got {value!r}")
     if not 0 < seconds <= 60:
         raise ValueError(f"time_budget: {value!r} is not between 0 and 60 seconds")
     return seconds
