@@ -425,12 +425,16 @@ class EditTests(MilterCase):
     def test_bad_header_name_is_a_protocol_error(self):
         f = self.make(FakeMilter(script={
             b"E": m.packet(b"h", b"Bad Name\0x\0") + m.packet(b"c")}))
-        self.assertEqual(self.result(f).verdict.code, 451)
+        result = self.result(f)
+        self.assertEqual(result.verdict.code, 451)
+        self.assertIn("bad header name", result.reason)
 
     def test_edit_not_negotiated_is_refused(self):
         f = self.make(FakeMilter(actions=m.SMFIF_ADDHDRS, script={
             b"E": m.packet(b"b", b"new body") + m.packet(b"c")}))
-        self.assertEqual(self.result(f).verdict.code, 451)
+        result = self.result(f)
+        self.assertEqual(result.verdict.code, 451)
+        self.assertIn("without the negotiated action", result.reason)
 
     def test_edit_before_end_of_message_is_a_protocol_error(self):
         f = self.make(FakeMilter(script={b"M": m.packet(b"h", b"X-A\0b\0")}))
@@ -505,14 +509,28 @@ class FailureTests(MilterCase):
     def test_oversized_reply_is_refused(self):
         # A reply claiming 16 MiB: refused from its length, before it arrives.
         f = self.make(FakeMilter(script={b"C": struct.pack("!I", 16 * 1024 * 1024) + b"c"}))
-        self.assertEqual(self.result(f).verdict.code, 451)
+        result = self.result(f)
+        self.assertEqual(result.verdict.code, 451)
+        self.assertIn("out of bounds", result.reason)
         self.assertTrue(self.milter.closed)
 
     def test_replaced_body_bounded(self):
         f = self.make(FakeMilter(script={
             b"E": m.packet(b"b", b"x" * 60000) + m.packet(b"b", b"x" * 60000) + m.packet(b"c")}),
             max_body=100000)
-        self.assertEqual(self.result(f).verdict.code, 451)
+        result = self.result(f)
+        self.assertEqual(result.verdict.code, 451)
+        self.assertIn("out of bounds", result.reason)
+
+    def test_edits_bounded(self):
+        flood = m.packet(b"h", b"X-A\0b\0") * (m.MAX_EDITS + 1) + m.packet(b"c")
+        f = self.make(FakeMilter(script={b"E": flood}))
+        result = self.result(f)
+        self.assertEqual(result.verdict.code, 451)
+        self.assertIn("too many edits", result.reason)
+        big = m.packet(b"h", b"X-A\0" + b"v" * 1000000 + b"\0") * 5 + m.packet(b"c")
+        f = self.make(FakeMilter(script={b"E": big}))
+        self.assertIn("too many edits", self.result(f).reason)
 
     def test_bad_negotiation(self):
         for milter in (FakeMilter(version=1), FakeMilter(protocol=1 << 30)):

@@ -128,6 +128,8 @@ MAX_PACKET = 1024 * 1024        # any reply but a body replacement chunk
 MAX_BODY_CHUNK = 65535          # what we send per SMFIC_BODY
 MAX_MACRO_BYTES = 64 * 1024     # one SMFIC_MACRO packet
 MAX_SYMLIST = 100               # macro names asked per stage
+MAX_EDITS = 10000               # edit packets at end of message
+MAX_EDIT_BYTES = 4 * 1024 * 1024    # their size together, a replaced body aside
 
 # The decisions that end a conversation (besides "continue").
 FINAL = {SMFIR_ACCEPT: "accept", SMFIR_REJECT: "reject", SMFIR_TEMPFAIL: "tempfail",
@@ -405,12 +407,18 @@ class MilterSession:
         """SMFIC_BODYEOB: collect the milter's edits up to its final answer."""
         self._macros(SMFIC_BODYEOB, macros)
         self.proto.send(SMFIC_BODYEOB)
-        edits = []
+        edits, size = [], 0
         while True:
             cmd, data = yield self._read(self.eom_timeout)
             if cmd in EDITS:
                 if not self.options.actions & EDITS[cmd]:
                     raise MilterError(f"edit {cmd!r} without the negotiated action")
+                # A replaced body is bounded by the protocol (max_body);
+                # the other edits together by MAX_EDIT_BYTES / MAX_EDITS.
+                if cmd != SMFIR_REPLBODY:
+                    size += len(data) + 16
+                if size > MAX_EDIT_BYTES or len(edits) >= MAX_EDITS:
+                    raise MilterError("too many edits at end of message")
                 edits.append((cmd, data))
                 continue
             reply = self._decision(cmd, data, SMFIC_BODYEOB)

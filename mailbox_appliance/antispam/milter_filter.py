@@ -54,7 +54,6 @@ log = Logger(namespace="mailbox_appliance.antispam.milter")
 REJECT = Verdict(550, "5.7.1", "Command rejected")
 TEMPFAIL = Verdict(451, "4.7.1", "Service unavailable - try again later")
 MAX_FIELDS = 2000               # header fields sent / edited (the message size bounds the rest)
-MAX_EDITS = 10000               # edit packets accepted at end of message
 MAX_RCPT_EDITS = 1000           # recipients added or removed
 _LINE_BREAK = re.compile(rb"\r\n|\n|\r")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
@@ -241,8 +240,7 @@ class MilterFilter:
             if reply.final:
                 return self._early(reply, "data", qid)
             leadspc = opts.has(m.SMFIP_HDR_LEADSPC)
-            block = message.header_block or split_message(message.raw)[0]
-            body = message.body if message.header_block else split_message(message.raw)[1]
+            block, body = split_message(message.raw)
             if not opts.has(m.SMFIP_NOHDRS):
                 for fname, raw_field in header_fields(block)[:MAX_FIELDS]:
                     if fname is None:
@@ -366,8 +364,6 @@ class MilterFilter:
             return ContentResult(verdict=verdict, reason=f"{verdict.code} at end of message")
         if reply.action == "discard":
             return ContentResult(action="discard", reason="discard at end of message")
-        if len(reply.edits) > MAX_EDITS:
-            raise m.MilterError(f"{len(reply.edits)} edits")
         result = ContentResult()
         header_edits, body_chunks, reasons = [], None, []
         for cmd, data in reply.edits:
