@@ -103,7 +103,32 @@ def make_resolver(reactor, config, resolv_conf=RESOLV_CONF):
         servers = system_servers(resolv_conf)
     # Each interval is spent once per server, so the budget is shared.
     timeout = retry_timeouts(config.dns.timeout // len(servers))
-    return client.Resolver(servers=servers, timeout=timeout, reactor=reactor)
+    return BoundedResolver(servers=servers, timeout=timeout, reactor=reactor,
+                           tcp_timeout=config.dns.timeout)
+
+
+class BoundedResolver(client.Resolver):
+    """twisted.names' resolver, with its TCP fallback bounded.
+
+    A UDP answer marked truncated (a DKIM key of 4096 bits, a long SPF
+    record) is asked again over TCP. twisted.names does that with its own
+    10-second default, and asks again over TCP whenever the TCP answer is
+    marked truncated too: a broken or hostile server could keep a lookup
+    going for ever. Here the TCP query gets the configured deadline, and a
+    TCP answer is taken as it is.
+    """
+
+    def __init__(self, *args, tcp_timeout=10, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tcp_timeout = tcp_timeout
+
+    def queryTCP(self, queries, timeout=None):
+        d = super().queryTCP(queries, self.tcp_timeout if timeout is None else timeout)
+
+        def whole(message):
+            message.trunc = 0
+            return message
+        return d.addCallback(whole)
 
 
 # Answers are kept at most this long whatever their TTL, and "no such name" or

@@ -73,6 +73,9 @@ class FakeDNS:
                 self.set(name, rtype, values)
         self.servfail = set(servfail)
         self.silent = set(silent)
+        # Octets of a TCP answer before it is cut and marked truncated (a
+        # broken server may cut those too).
+        self.tcp_max_size = 65535
         self.held = set(held)
         self.delays = dict(delays or {})
         self._holding = []          # (name, type, send) of held answers
@@ -150,7 +153,7 @@ class FakeDNS:
         if reactor is None:
             from twisted.internet import reactor
         self._reactor = reactor
-        factory = _Factory(self)
+        factory = self._factory = _Factory(self)
         for _ in range(50):
             tcp = reactor.listenTCP(0, factory, interface="127.0.0.1")
             port = tcp.getHost().port
@@ -174,7 +177,24 @@ class FakeDNS:
                 if call.active():
                     call.cancel()
         ports, self._ports = self._ports, []
-        return defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+        stopped = defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in ports])
+        # TCP connections a resolver keeps open (it reuses them) are closed
+        # too, and both ends given the time to see it.
+        factory = getattr(self, "_factory", None)
+        if factory is None or not factory.connections:
+            return stopped
+        for protocol in list(factory.connections):
+            protocol.transport.loseConnection()
+        from twisted.internet import task
+
+        @defer.inlineCallbacks
+        def closed(_):
+            for _ in range(200):
+                if not factory.connections:
+                    break
+                yield task.deferLater(self._reactor, 0.01, lambda: None)
+            yield task.deferLater(self._reactor, 0.01, lambda: None)
+        return stopped.addCallback(closed)
 
 
 class _Factory(server.DNSServerFactory):
@@ -193,8 +213,11 @@ class _Factory(server.DNSServerFactory):
         if outcome == "silent":
             return
         rcode = {"ok": dns.OK, "nxdomain": dns.ENAME, "servfail": dns.ESERVER}[outcome]
+        # As a real server: a UDP answer over 512 octets is cut and marked
+        # truncated (the client asks again over TCP), a TCP one is whole.
         response = dns.Message(id=message.id, answer=1, opCode=message.opCode,
-                               recDes=message.recDes, recAv=1, auth=1, rCode=rcode)
+                               recDes=message.recDes, recAv=1, auth=1, rCode=rcode,
+                               maxSize=self.fake.tcp_max_size if address is None else 512)
         response.queries = message.queries
         response.answers = answers
         def send():
