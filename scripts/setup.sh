@@ -32,4 +32,4 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # Installed like a user would (pip install .), so packaging is exercised too;
 # tests and the quick start still run the code of this checkout.
-.venv/bin/python -m pip install -q . 2> >(grep -v "is ignored" >&2) >/dev/null
+.venv/bin/python -m pip install -q ".[ed25519]" 2> >(grep -v "is ignored" >&2) >/dev/null
