@@ -14,21 +14,28 @@ made in the test's folder; it signs what comes from its InternalHosts
   message sent with swaks to the MX is delivered signed, and the
   signature verifies. With opendkim stopped, the client is told
   ``451 4.7.1`` and nothing is stored (``default_action = "tempfail"``).
+- The real process against the unit tests' fake milter (in this test's
+  reactor): a reply code refuses the message (nothing stored), header
+  edits and a new body are delivered, quarantine holds the message in the
+  queue, discard accepts and drops it.
 
-Skipped when opendkim (packages ``opendkim`` and ``opendkim-tools``) or
-swaks is not installed.
+The opendkim tests are skipped when opendkim (packages ``opendkim`` and
+``opendkim-tools``) or swaks is not installed.
 """
 
 import os
 import re
 import shutil
+import smtplib
 import socket
+import struct
 import subprocess
 import time
 
 from twisted.internet import defer, endpoints, reactor, threads
 from twisted.trial import unittest
 
+from mailbox_appliance.antispam import milter as m
 from mailbox_appliance.antispam.dkim_verify import verify_signatures
 from mailbox_appliance.antispam.message import ScannedMessage
 from mailbox_appliance.antispam.milter_filter import MilterFilter
@@ -283,3 +290,88 @@ class ApplianceTests(MilterCase):
         self.assertEqual(self.app.messages("bob"), [])
         self.assertEqual(self.app.queue_ids(), [])
         self.assertIn("milter:opendkim failed", self.app.log())
+
+
+class ScriptedMilterTests(unittest.TestCase):
+    """The real process against the unit tests' fake milter, on a loopback port
+    in this test's reactor: what each answer of a milter does to the mail."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        if not _wired():
+            raise unittest.SkipTest("the milter filters are not in the content scan yet")
+        from twisted.internet.protocol import Factory
+        from tests.test_milter import FakeMilter
+        self.script = {}
+        self.milters = []
+
+        def build():
+            fm = FakeMilter(script=self.script)
+            self.milters.append(fm)
+            return fm
+        port = reactor.listenTCP(0, Factory.forProtocol(build), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.app = ApplianceProcess(os.path.join(self.mktemp(), "mx"),
+                                    extra=CONTENT.format(port=port.getHost().port))
+        yield threads.deferToThread(self.app.start)
+        self.addCleanup(self.app.stop)
+
+    def send(self, subject):
+        def run():
+            with smtplib.SMTP("127.0.0.1", self.app.smtp_port, timeout=60) as s:
+                s.ehlo("client.ext.test")
+                s.mail("sender@ext.test")
+                s.rcpt("bob@example.test")
+                code, text = s.data(message(subject, from_="Sender <sender@ext.test>"))
+                return code, text.decode("utf-8", "replace")
+        return threads.deferToThread(run)
+
+    def held(self):
+        hold = os.path.join(self.app.data_dir, "queue", "hold")
+        return sorted(n for n in os.listdir(hold) if "." not in n) if os.path.isdir(hold) else []
+
+    @defer.inlineCallbacks
+    def test_reply_code_refuses_and_nothing_stored(self):
+        self.script[b"E"] = m.packet(b"y", b"554 5.7.0 Virus found\0")
+        code, text = yield self.send("virus")
+        self.assertEqual((code, text), (554, "5.7.0 Virus found"))
+        self.assertEqual(self.app.messages("bob"), [])
+        self.assertEqual(self.app.queue_ids(), [])
+        [fm] = self.milters
+        self.assertEqual(fm.macros[b"C"][b"{client_addr}"], b"127.0.0.1")
+        self.assertTrue(fm.macros[b"M"][b"i"])       # the queue id
+
+    @defer.inlineCallbacks
+    def test_edits_delivered(self):
+        self.script[b"E"] = (m.packet(b"h", b"X-Scanned\0by fake\0")
+                             + m.packet(b"m", struct.pack("!I", 1) + b"Subject\0[milter] edited\0")
+                             + m.packet(b"b", b"A new body.\r\n")
+                             + m.packet(b"a"))
+        code, _ = yield self.send("edits")
+        self.assertEqual(code, 250)
+        yield wait_until(lambda: self.app.messages("bob"), what="delivery", log=self.app.log)
+        [raw] = self.app.messages("bob")
+        head, body = raw.split(b"\n\n", 1)
+        head += b"\n"
+        self.assertIn(b"\nX-Scanned: by fake\n", head)
+        self.assertIn(b"\nSubject: [milter] edited\n", head)
+        self.assertNotIn(b"Subject: edits", head)
+        self.assertEqual(body, b"A new body.\n")
+
+    @defer.inlineCallbacks
+    def test_quarantine_holds_the_message(self):
+        self.script[b"E"] = m.packet(b"q", b"suspicious\0") + m.packet(b"c")
+        code, _ = yield self.send("quarantine")
+        self.assertEqual(code, 250)
+        yield wait_until(lambda: self.held(), what="hold", log=self.app.log)
+        self.assertEqual(self.app.messages("bob"), [])
+
+    @defer.inlineCallbacks
+    def test_discard_accepts_and_drops(self):
+        self.script[b"R"] = m.packet(b"d")
+        code, _ = yield self.send("discard")
+        self.assertEqual(code, 250)
+        self.assertEqual(self.app.messages("bob"), [])
+        self.assertEqual(self.app.queue_ids(), [])
