@@ -405,11 +405,15 @@ class PatternSafetyTests(unittest.TestCase):
     def test_prefilter_agrees_with_search(self):
         texts = ["Viagra here", "VIAGRA", "viaſ", "vi agra", "\u212aitten", "kitten",
                  "the BTC wallet", "bitcoin", "ab", "aaab", "x1234", "İstanbul", "ıi",
-                 "Free  money", "free money", "$1,000", "mass mail", "MASSMAIL"]
+                 "Free  money", "free money", "$1,000", "mass mail", "MASSMAIL",
+                 "You have won", "you've won", "ac", "abc", "CLICK HERE", "click below",
+                 "xviagras viagra", "\u20ac5", "$5", "Viagra", "WIAGRA"]
         patterns = [r"(?i)\bviagra\b", r"viagra", r"(?i)kitten", r"(?i)\b(?:bitcoin|btc)\b",
                     r"a{3}b", r"x\d{4}", r"(?i)istanbul", r"(?i:free) money",
                     r"(?i)free\s?money", r"\$\d", r"(?i)mass ?mail", r"(?=.*wallet)BTC",
-                    r"(?i)(?:a|b)c|ab"]
+                    r"(?i)(?:a|b)c|ab", r"\byou(?:'ve| have) won", r"a(?:|b)c",
+                    r"(?i)\bclick (?:here|below)\b", r"(?i)(?:ab|AC)", r"\bviagra\b$",
+                    r"[$\u20ac]\d", r"[Vv]iagra", r"(?i)[v-x]iagra", r"[a-c]b"]
         for source in patterns:
             p = compile_pattern(source)
             plain = re.compile(source)
@@ -422,6 +426,7 @@ class PatternSafetyTests(unittest.TestCase):
                     for lit, folded in p.needs)
                 self.assertTrue(passes or not expected, (source, text, p.needs))
                 self.assertEqual(bool(p.regex.search(body)), expected, (source, text))
+                self.assertEqual(rules.search(p, target, "body"), expected, (source, text))
 
 
 class BudgetTests(unittest.TestCase):
@@ -441,10 +446,16 @@ class BudgetTests(unittest.TestCase):
         r = ruleset(text)
         # Each timer call advances 0.1 s: the start, then one call per rule.
         hits, timed_out = r.evaluate(message(body="x", hits={"SPF_FAIL": 1.0}), budget=0.35,
-                                     timer=self.ticking(0.1))
+                                     timer=self.ticking(0.1), check_every=1)
         self.assertTrue(timed_out)
         self.assertEqual(hits, {"R0": 1.0, "R1": 1.0, "R2": 1.0, "OTHER": 1.0,
                                 rules.TIMEOUT_HIT: 0.0})
+
+    def test_checked_every_few_rules(self):
+        r = ruleset("".join(f"body R{i:02} /x/\n" for i in range(40)))
+        hits, timed_out = r.evaluate(message(body="x"), budget=0.35, timer=self.ticking(0.1))
+        self.assertTrue(timed_out)
+        self.assertEqual(len(hits), 3 * rules.CHECK_EVERY + 1)
 
     def test_no_timeout(self):
         r = ruleset("body R /x/\n")

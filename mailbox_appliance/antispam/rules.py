@@ -110,6 +110,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from importlib import resources
+from itertools import repeat
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -152,6 +153,14 @@ BODY_LINE = 1024
 MAX_ADDRESSES = 100
 # What an unbounded repeat (*, +, {n,}) may match at most.
 REPEAT_CAP = 1024
+# Patterns whose matches are at most this long are searched only around
+# the literals they need, when there are at most MAX_WINDOWS of them.
+MAX_WINDOW_WIDTH = 512
+MAX_WINDOWS = 64
+# The time budget is looked at before every CHECK_EVERY-th rule.
+CHECK_EVERY = 8
+# Literal strings one clause of a pattern's needs may list.
+MAX_EXPANSION = 32
 # Repeats longer than this count as long when two of them meet.
 WIDE_REPEAT = 64
 # Largest number of ways a repeated group may split a text before a
@@ -202,6 +211,9 @@ class Pattern:
     source: str
     regex: object
     needs: tuple | None = None
+    # The longest match (None: unknown, or the pattern looks ahead): a match
+    # holding a needed literal lies within ``width`` characters of it.
+    width: int | None = None
 
 
 def compile_pattern(source: str, flags: int = 0) -> Pattern:
@@ -216,11 +228,77 @@ def compile_pattern(source: str, flags: int = 0) -> Pattern:
     _Checker(source, flags).check(tree)
     needs = _required(tree.data, flags)
     _bound_repeats(tree)
+    width = tree.getwidth()[1]
+    if width > MAX_WINDOW_WIDTH or _looks_ahead(tree.data):
+        width = None
     try:
         regex = sre_compile.compile(tree, flags)
     except (re.error, OverflowError, RecursionError, RuntimeError) as e:
         raise RuleError(f"bad regular expression: {e}")
-    return Pattern(source, regex, needs)
+    return Pattern(source, regex, needs, width)
+
+
+def _looks_ahead(items):
+    for op, av in items:
+        if op in (_C.ASSERT, _C.ASSERT_NOT) and av[0] == 1:
+            return True
+        if op in _REPEATS and _looks_ahead(av[2]):
+            return True
+        if op is _C.SUBPATTERN and _looks_ahead(av[3]):
+            return True
+        if op is _C.ATOMIC_GROUP and _looks_ahead(av):
+            return True
+        if op is _C.BRANCH and any(_looks_ahead(alt) for alt in av[1]):
+            return True
+        if op in (_C.ASSERT, _C.ASSERT_NOT) and _looks_ahead(av[1]):
+            return True
+    return False
+
+
+def search(pattern, target, kind) -> bool:
+    """Does ``pattern`` match the ``kind`` text of ``target``?
+
+    The needed literals are looked for first (``str.find``, fast); none
+    there, no search. Otherwise, when the pattern's matches are short, only
+    the text around each occurrence is searched: a match must hold one, so
+    it lies in ``[q + len - width - 1, q + width + 1]`` for an occurrence
+    at q (one character more on each side, for ``\\b`` and ``$``); merged,
+    such windows cannot create a match the whole text would not have (the
+    search's start sees the real text before it for ``\\b`` and look-behinds).
+    """
+    text = target.text(kind)
+    needs = pattern.needs
+    if needs is None:
+        return pattern.regex.search(text) is not None
+    width = pattern.width
+    found = []
+    for literal, folded in needs:
+        places = target.occurrences(kind, literal, folded)
+        if places:
+            found.extend(zip(places, repeat(len(literal))))
+            if len(found) > MAX_WINDOWS:
+                width = None
+                break
+    if not found:
+        return False
+    if width is None or not target.aligned(kind):
+        return pattern.regex.search(text) is not None
+    end = len(text)
+    windows = sorted((max(0, at + size - width - 1), min(end, at + width + 1))
+                     for at, size in found)
+    merged = [list(windows[0])]
+    for start, stop in windows[1:]:
+        if start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    if sum(stop - start for start, stop in merged) * 2 > end:
+        return pattern.regex.search(text) is not None
+    regex = pattern.regex
+    for start, stop in merged:
+        if regex.search(text, start, stop) is not None:
+            return True
+    return False
 
 
 def _bound_repeats(sub):
@@ -476,53 +554,130 @@ def _sub_flags(flags, av):
 _FOLD_MAP = str.maketrans({"\u017f": "s", "\u212a": "k", "\u0130": "i", "\u0131": "i"})
 
 
+_FOLD_CHARS = re.compile("[\u017f\u212a\u0130\u0131]")
+
+
 def fold(text: str) -> str:
     """The case-folded text the ``folded`` needs of a Pattern are looked for in."""
-    return text.translate(_FOLD_MAP).lower()
+    if not text.isascii() and _FOLD_CHARS.search(text):
+        text = text.translate(_FOLD_MAP)    # slow (a dict per character): rarely needed
+    return text.lower()
 
 
-def _required(items, flags):
-    """The best clause of literals every match contains, or None."""
-    clauses = _clauses(items, flags)
+def _required(items, flags, most=MAX_EXPANSION):
+    """The best clause of literals every match contains (of at most
+    ``most`` strings), or None."""
     best = None
-    for clause in clauses:
-        if best is None or _strength(clause) > _strength(best):
+    for clause in _clauses(items, flags):
+        if len(clause) <= most and (best is None or _strength(clause) > _strength(best)):
             best = clause
     return best
 
 
 def _strength(clause):
-    return (min(len(s) for s, _ in clause), -len(clause))
+    """How well a clause filters: long strings (eight characters are rare
+    enough) and few of them (each is one more scan of the text)."""
+    return min(8, min(len(s) for s, _ in clause)) * 4 - 2 * len(clause)
+
+
+def _literal(value, flags):
+    """(character as looked for, folded) of a LITERAL, or None when its case
+    folding is not str.lower()'s (outside ASCII)."""
+    ch, folded = chr(value), bool(flags & re.IGNORECASE)
+    if folded and not ch.isascii():
+        return None
+    return (ch.lower() if folded else ch), folded
+
+
+def _in_chars(av, flags):
+    """The strings of a small character class of literals (``[$\u20ac\u00a3]``),
+    as (set, folded), or None."""
+    chars = []
+    for op, value in av:
+        if op is _C.LITERAL:
+            chars.append(value)
+        elif op is _C.RANGE and value[1] - value[0] < 8:
+            chars.extend(range(value[0], value[1] + 1))
+        else:
+            return None
+    found = [_literal(c, flags) for c in chars]
+    if not found or len(found) > 8 or any(f is None for f in found):
+        return None
+    return {f[0] for f in found}, found[0][1]
+
+
+def _expand(items, flags):
+    """(strings, folded) when every match of the sequence is one of a few
+    literal strings (``you(?:'ve| have)``), else None. ``folded`` is None
+    while only empty strings were seen."""
+    strings, mode = {""}, None
+    for op, av in items:
+        if op is _C.LITERAL:
+            found = _literal(av, flags)
+            if found is None or (mode is not None and found[1] != mode):
+                return None
+            strings = {s + found[0] for s in strings}
+            mode = found[1]
+            continue
+        if op is _C.SUBPATTERN:
+            part = _expand(av[3], _sub_flags(flags, av))
+        elif op is _C.IN:
+            part = _in_chars(av, flags)
+        elif op is _C.BRANCH:
+            part, parts = None, [_expand(alt, flags) for alt in av[1]]
+            if all(p is not None for p in parts):
+                modes = {p[1] for p in parts} - {None}
+                if len(modes) <= 1:
+                    part = (set().union(*(p[0] for p in parts)), modes.pop() if modes else None)
+        else:
+            return None
+        if part is None or (mode is not None and part[1] not in (None, mode)):
+            return None
+        if len(strings) * len(part[0]) > MAX_EXPANSION:
+            return None
+        strings = {s + t for s in strings for t in part[0]}
+        mode = part[1] if part[1] is not None else mode
+    return strings, mode
 
 
 def _clauses(items, flags):
     """Clauses (tuples of (string, folded), one of which must occur)."""
-    out, run, run_fold = [], [], None
+    out = []
+    cur, mode = {""}, None
 
     def close():
-        if run:
-            out.append((("".join(run), bool(run_fold)),))
-            run.clear()
+        nonlocal cur, mode
+        if mode is not None and all(cur):
+            out.append(tuple(sorted((s, mode) for s in cur)))
+        cur, mode = {""}, None
 
     for op, av in items:
         if op is _C.LITERAL:
-            ch = chr(av)
-            folded = bool(flags & re.IGNORECASE)
-            if folded and not ch.isascii():
+            found = _literal(av, flags)
+            if found is None:
                 close()         # case folding outside ASCII is not str.lower()
                 continue
-            if run and folded != run_fold:
+            if mode is not None and found[1] != mode:
                 close()
-            run_fold = folded
-            run.append(ch.lower() if folded else ch)
+            cur = {s + found[0] for s in cur}
+            mode = found[1]
             continue
+        if op in (_C.SUBPATTERN, _C.BRANCH, _C.IN):
+            sub = _sub_flags(flags, av) if op is _C.SUBPATTERN else flags
+            part = _expand(av[3] if op is _C.SUBPATTERN else [(op, av)], sub)
+            if part is not None and part[1] is not None and (mode in (None, part[1])) \
+                    and len(cur) * len(part[0]) <= MAX_EXPANSION:
+                if mode is not None and all(cur):
+                    out.append(tuple(sorted((s, mode) for s in cur)))   # shorter, fewer
+                cur = {s + t for s in cur for t in part[0]}
+                mode = part[1]
+                continue
         close()
         if (op is _C.MAX_REPEAT or op is _C.MIN_REPEAT) and 2 <= av[0] <= 16 \
                 and len(av[2]) == 1 and av[2][0][0] is _C.LITERAL:
-            ch = chr(av[2][0][1])       # a{4}: "aaaa"
-            folded = bool(flags & re.IGNORECASE)
-            if ch.isascii() or not folded:
-                out.append((((ch.lower() if folded else ch) * av[0], folded),))
+            found = _literal(av[2][0][1], flags)        # a{4}: "aaaa"
+            if found is not None:
+                out.append(((found[0] * av[0], found[1]),))
         elif op is _C.SUBPATTERN:
             out += _clauses(av[3], _sub_flags(flags, av))
         elif op is _C.ATOMIC_GROUP:
@@ -533,8 +688,9 @@ def _clauses(items, flags):
             out += _clauses(av[1], flags)
         elif op is _C.BRANCH:
             either = []
+            share = max(1, MAX_EXPANSION // len(av[1]))
             for alt in av[1]:
-                best = _required(alt, flags)
+                best = _required(alt, flags, share)
                 if best is None:
                     either = None
                     break
@@ -687,7 +843,7 @@ def compile_expression(tree):
 # Built-in tests (``eval``): what a regular expression cannot say.
 
 _DOMAIN_AFTER_AT = re.compile(r"@([A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){1,10})")
-_CONTENT_TYPE = re.compile(r"(?m)^content-type:[ \t]*([a-z0-9!#$&^_.+-]{1,64}/[a-z0-9!#$&^_.+-]{1,64})")
+_MEDIA_TYPE = re.compile(r"[ \t]*([a-z0-9!#$&^_.+-]{1,64}/[a-z0-9!#$&^_.+-]{1,64})")
 _BASE64_CTE = re.compile(r"(?m)^content-transfer-encoding:[ \t]*\"?base64")
 MAX_MIME_HEADERS = 200
 
@@ -707,7 +863,7 @@ def eval_from_name_other_address(t) -> bool:
 
 
 def eval_html_only(t) -> bool:
-    types = t.content_types()
+    types = {media for media, _ in t.content_types()}
     return "text/html" in types and "text/plain" not in types
 
 
@@ -716,14 +872,12 @@ def eval_base64_plain_text(t) -> bool:
     if not text or not text.isascii():
         return False
     full = t.mime_text()
-    for seen, m in enumerate(_CONTENT_TYPE.finditer(full)):
-        if seen >= MAX_MIME_HEADERS:
-            break
-        if not m.group(1).startswith("text/"):
+    for media, at in t.content_types():
+        if not media.startswith("text/"):
             continue
         # The header block of that part: from the blank line before to the next.
-        start = full.rfind("\n\n", 0, m.start()) + 1
-        end = full.find("\n\n", m.end())
+        start = full.rfind("\n\n", 0, at) + 1
+        end = full.find("\n\n", at)
         if _BASE64_CTE.search(full, start, end if end >= 0 else len(full)):
             return True
     return False
@@ -746,7 +900,6 @@ EVALS = {
 # rule needs).
 
 _PARAGRAPH = re.compile(r"\n[^\S\n]*\n")
-_WHITE = re.compile(r"\s+")
 _INVISIBLE = re.compile("[\u00ad\u034f\u180e\u200b-\u200f\u2060-\u2064\ufeff]")
 _UNFOLD = re.compile(r"\r?\n(?=[ \t])")
 
@@ -916,6 +1069,25 @@ class Target:
             found = self._cache[key] = fold(self.text(kind))
         return found
 
+    def occurrences(self, kind, literal, folded):
+        """Where ``literal`` is in the (folded) text, at most MAX_WINDOWS + 1
+        places; rules sharing a literal share the scan."""
+        key = (kind, literal, folded)
+        found = self._cache.get(key)
+        if found is None:
+            haystack = self.folded(kind) if folded else self.text(kind)
+            found = []
+            at = haystack.find(literal)
+            while at >= 0 and len(found) <= MAX_WINDOWS:
+                found.append(at)
+                at = haystack.find(literal, at + 1)
+            self._cache[key] = found
+        return found
+
+    def aligned(self, kind):
+        """Are the folded text's positions those of the text?"""
+        return len(self.folded(kind)) == len(self.text(kind))
+
     def mime_text(self):
         """The message lower-cased with bare line ends (MIME header scans)."""
         found = self._cache.get("mime")
@@ -924,25 +1096,30 @@ class Target:
         return found
 
     def content_types(self):
+        """[(media type, where its field starts)] of the message and its parts."""
         found = self._cache.get("types")
         if found is None:
             found = []
-            for m in _CONTENT_TYPE.finditer(self.mime_text()):
-                found.append(m.group(1))
-                if len(found) > MAX_MIME_HEADERS:
-                    break
+            text = self.mime_text()
+            at = text.find("content-type:")
+            while at >= 0 and len(found) <= MAX_MIME_HEADERS:
+                if at == 0 or text[at - 1] == "\n":
+                    m = _MEDIA_TYPE.match(text, at + 13)
+                    if m:
+                        found.append((m.group(1), at))
+                at = text.find("content-type:", at + 13)
             self._cache["types"] = found
         return found
 
 
 def body_text(subject: str, text: str) -> str:
     """What ``body`` rules see: the subject and one paragraph per line."""
-    lines = [_WHITE.sub(" ", subject).strip()]
+    lines = [" ".join(subject.split())]
     text = text[:MAX_BODY]
-    if _INVISIBLE.search(text):
+    if not text.isascii() and _INVISIBLE.search(text):
         text = _INVISIBLE.sub("", text)
     for paragraph in _PARAGRAPH.split(text):
-        p = _WHITE.sub(" ", paragraph).strip()
+        p = " ".join(paragraph.split())     # str.split: white space as \s has it
         while len(p) > BODY_LINE:
             cut = p.rfind(" ", BODY_LINE // 2, BODY_LINE)
             if cut < 0:
@@ -1131,13 +1308,15 @@ class RuleSet:
 
     # -- running
 
-    def evaluate(self, message, budget=DEFAULT_BUDGET, timer=time.thread_time, others=None):
+    def evaluate(self, message, budget=DEFAULT_BUDGET, timer=time.thread_time, others=None,
+                 check_every=CHECK_EVERY):
         """(hits {NAME: score}, timed out?) of the rules on a ScannedMessage.
 
         ``others``: the hits of the filters that ran before (by default
         those the message carries, see ``other_hits``). CPU work: run it in
-        a worker thread. ``budget`` seconds of ``timer`` at most, checked
-        between rules.
+        a worker thread. ``budget`` seconds of ``timer`` at most, looked at
+        before every ``check_every``-th rule (reading a thread's CPU clock
+        is a system call: once per rule would cost more than most rules).
         """
         target = Target(message)
         if others is None:
@@ -1148,7 +1327,7 @@ class RuleSet:
         timed_out = False
         decided = None                  # None: everything ran
         for index, (name, kind, rule) in enumerate(self.plan):
-            if timer() > deadline:
+            if index % check_every == 0 and timer() > deadline:
                 timed_out = True
                 decided = {n for n, _, _ in self.plan[:index]}
                 break
@@ -1157,20 +1336,7 @@ class RuleSet:
             elif kind == "eval":
                 hit = rule.function(target)
             else:
-                pattern = rule.pattern
-                needs = pattern.needs
-                if needs is not None:
-                    text = None
-                    for literal, folded in needs:
-                        haystack = target.folded(kind) if folded else target.text(kind)
-                        if literal in haystack:
-                            text = target.text(kind)
-                            break
-                    if text is None:
-                        continue
-                else:
-                    text = target.text(kind)
-                hit = pattern.regex.search(text) is not None
+                hit = search(rule.pattern, target, kind)
             if hit:
                 fired[name] = 1.0
         for name, expression, uses, _ in self.metas:
