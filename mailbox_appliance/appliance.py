@@ -198,7 +198,7 @@ class Appliance(service.MultiService):
         for check in reversed(submission_checks(door)):
             self.submission_policy.add(check, first=True)
         # Last: the signature must cover the message as the other checks left it.
-        self.signing_scan = signing_scan(config, reactor)
+        self.signing_scan = signing_scan(config, reactor, self.resolver)
         if self.signing_scan is not None:
             self.submission_policy.add(self.signing_scan)
         limiter = AuthFailureLimiter(reactor, config.submission.max_auth_failures_per_minute)

@@ -2,7 +2,8 @@
 # Prepare a fresh machine: a virtualenv in .venv with the appliance installed,
 # and (when run as root on Debian) the command-line peers the tests drive.
 #   scripts/setup.sh [--system]   --system: also apt-get install swaks, slapd, ldap-utils, curl,
-#                                 isync (mbsync), fetchmail and postfix (for its smtp-sink;
+#                                 isync (mbsync), fetchmail, opendkim (a real milter) and
+#                                 postfix (for its smtp-sink;
 #                                 Postfix itself is left unconfigured and stopped)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ PY="${PYTHON:-python3}"
 if [ "${1:-}" = "--system" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=""
-    for pkg in swaks slapd ldap-utils curl isync fetchmail postfix; do
+    for pkg in swaks slapd ldap-utils curl isync fetchmail opendkim opendkim-tools postfix; do
       dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
     done
     if [ -n "$missing" ]; then

@@ -49,8 +49,8 @@ def content_filters(config, reactor, resolver, state=None):
 
 
 def _content_modules():
-    from mailbox_appliance.antispam import dkim_verify, dmarc
-    return [dkim_verify, dmarc]
+    from mailbox_appliance.antispam import dkim_verify, dmarc, milter_filter
+    return [dkim_verify, dmarc, milter_filter]
 
 
 def open_content_state(config, reactor):
@@ -69,9 +69,16 @@ def content_scan(config, reactor, resolver, state=None):
                        timeout=parse_duration(c.scan_timeout))
 
 
-def signing_scan(config, reactor):
-    """The submission ports' end-of-data runner of the DKIM signer, or None."""
-    signers = _signers(config, reactor)
+def signing_scan(config, reactor, resolver=None):
+    """The submission ports' end-of-data runner of the milters and the DKIM signer, or None.
+
+    Milters see submitted mail too, as Postfix's smtpd_milters do (a
+    signing opendkim needs it); our own signer comes last, so its signature
+    covers what the milters changed.
+    """
+    from mailbox_appliance.antispam import milter_filter
+    signers = (milter_filter.filters(config, reactor, resolver)
+               + _signers(config, reactor))
     if not signers:
         return None
     return ContentScan(reactor, signers, config.server.hostname, judge=False,

@@ -431,6 +431,7 @@ class SMTPServerProtocol(Protocol):
         self.session.esmtp = False
         self.session.authenticated = ""
         self.session.user = None
+        self.session.auth_mechanism = ""
         self.session.reset_transaction()
         return None
 

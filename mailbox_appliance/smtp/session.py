@@ -19,6 +19,7 @@ class SessionState:
     tls: str = ""                   # "TLSv1.3 TLS_AES_256_GCM_SHA384" once encrypted
     authenticated: str = ""         # the user's uid once AUTH succeeded
     user: object = None             # the directory's User once AUTH succeeded
+    auth_mechanism: str = ""        # the SASL mechanism it succeeded with (PLAIN, LOGIN)
     sender: object = None           # address.Path
     recipients: list = field(default_factory=list)   # address.Path
     body_8bit: bool = False

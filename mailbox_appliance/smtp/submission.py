@@ -83,7 +83,7 @@ class SubmissionServerProtocol(SMTPServerProtocol):
     def _sasl_step(self, exchange, response):
         result = exchange.step(response)
         if isinstance(result, sasl.Credentials):
-            return self._check_credentials(result)
+            return self._check_credentials(result, exchange.name)
         self._continuation = lambda line: self._sasl_response(exchange, line)
         self._reply(334, None, sasl.encode_challenge(result))
         return None
@@ -98,7 +98,7 @@ class SubmissionServerProtocol(SMTPServerProtocol):
         except sasl.SASLError as e:
             return self._reply(e.code, e.enhanced, e.text)
 
-    def _check_credentials(self, creds):
+    def _check_credentials(self, creds, mechanism=""):
         s = self.session
         ip = s.client_ip
         authenticator = self.factory.authenticator
@@ -117,6 +117,7 @@ class SubmissionServerProtocol(SMTPServerProtocol):
                 return
             s.authenticated = user.uid
             s.user = user
+            s.auth_mechanism = mechanism
             self.log.info("[{ip}]: authenticated as {uid} ({listener})", ip=ip,
                           uid=user.uid, listener=s.listener)
             self._reply(235, "2.7.0", "Authentication successful")

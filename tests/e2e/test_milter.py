@@ -237,19 +237,11 @@ default_action = "tempfail"
 """
 
 
-def _wired():
-    """True once the content scan builds the milter filters."""
-    from mailbox_appliance.antispam import milter_filter, registry
-    return milter_filter in registry._content_modules()
-
-
 class ApplianceTests(MilterCase):
 
     @defer.inlineCallbacks
     def setUp(self):
         yield super().setUp()
-        if not _wired():
-            raise unittest.SkipTest("the milter filters are not in the content scan yet")
         self.app = ApplianceProcess(os.path.join(self.mktemp(), "mx"),
                                     extra=CONTENT.format(port=self.opendkim.port))
         yield threads.deferToThread(self.app.start)
@@ -300,8 +292,6 @@ class ScriptedMilterTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        if not _wired():
-            raise unittest.SkipTest("the milter filters are not in the content scan yet")
         from twisted.internet.protocol import Factory
         from tests.test_milter import FakeMilter
         self.script = {}
