@@ -157,6 +157,8 @@ REPEAT_CAP = 1024
 # the literals they need, when there are at most MAX_WINDOWS of them.
 MAX_WINDOW_WIDTH = 512
 MAX_WINDOWS = 64
+# Splitting a text into words costs about as much as this many scans of it.
+WORTH_SPLITTING = 24
 # The time budget is looked at before every CHECK_EVERY-th rule.
 CHECK_EVERY = 8
 # Literal strings one clause of a pattern's needs may list.
@@ -203,9 +205,10 @@ _item_matchers = {}
 class Pattern:
     """A compiled pattern and the literal text a match cannot do without.
 
-    ``needs`` is a tuple of (string, folded) of which at least one must
-    occur in the text (in its case-folded form when ``folded``) for the
-    pattern to have a chance: a cheap ``in`` test that spares most searches.
+    ``needs`` is a tuple of (string, folded, words) of which at least one
+    string must occur in the text (in its case-folded form when ``folded``)
+    for the pattern to have a chance, and with it its whole ``words``: a set
+    lookup and a ``str.find`` that spare most searches.
     """
 
     source: str
@@ -272,7 +275,13 @@ def search(pattern, target, kind) -> bool:
         return pattern.regex.search(text) is not None
     width = pattern.width
     found = []
-    for literal, folded in needs:
+    words = False
+    for literal, folded, whole in needs:
+        if whole:
+            if words is False:
+                words = target.words(kind)
+            if words is not None and not all(w in words for w in whole):
+                continue
         places = target.occurrences(kind, literal, folded)
         if places:
             found.extend(zip(places, repeat(len(literal))))
@@ -564,11 +573,11 @@ def fold(text: str) -> str:
     return text.lower()
 
 
-def _required(items, flags, most=MAX_EXPANSION):
+def _required(items, flags, most=MAX_EXPANSION, left=False, right=False):
     """The best clause of literals every match contains (of at most
-    ``most`` strings), or None."""
+    ``most`` strings), or None. ``left``/``right``: a \\b before/after."""
     best = None
-    for clause in _clauses(items, flags):
+    for clause in _clauses(items, flags, left, right):
         if len(clause) <= most and (best is None or _strength(clause) > _strength(best)):
             best = clause
     return best
@@ -576,8 +585,15 @@ def _required(items, flags, most=MAX_EXPANSION):
 
 def _strength(clause):
     """How well a clause filters: long strings (eight characters are rare
-    enough) and few of them (each is one more scan of the text)."""
-    return min(8, min(len(s) for s, _ in clause)) * 4 - 2 * len(clause)
+    enough) and few of them (each is one more scan of the text, unless its
+    whole words are looked up first)."""
+    cost = sum(0.5 if words else 2 for _, _, words in clause)   # a word: a set lookup
+    common = sum(len(s) == 1 and s in _COMMON for s, _, _ in clause) * 10
+    return min(8, min(len(s) for s, _, _ in clause)) * 4 - cost - common
+
+
+# Single characters found in nearly every text: poor needs.
+_COMMON = frozenset(" .,:;-'\"/()!?abcdefghijklmnopqrstuvwxyz0123456789\n")
 
 
 def _literal(value, flags):
@@ -640,18 +656,47 @@ def _expand(items, flags):
     return strings, mode
 
 
-def _clauses(items, flags):
-    """Clauses (tuples of (string, folded), one of which must occur)."""
-    out = []
-    cur, mode = {""}, None
+_WORD = re.compile(r"\w+")
+# ASCII bytes that are not \w, as spaces (the others as they are).
+_NOT_WORD = bytes(c if chr(c).isalnum() or c == 95 or c > 127 else 32 for c in range(256))
 
-    def close():
-        nonlocal cur, mode
+
+def _words(string, left, right):
+    """The whole words of a needed string: its \\w runs that a non-word
+    character or a \\b of the pattern closes on both sides (lower-cased,
+    ASCII only). A text holding the string holds each as a word."""
+    out = []
+    for m in _WORD.finditer(string):
+        word = m.group()
+        if (m.start() > 0 or left) and (m.end() < len(string) or right) and word.isascii():
+            out.append(word.lower())
+    return tuple(out)
+
+
+def _clauses(items, flags, left_edge=False, right_edge=False):
+    """Clauses (tuples of (string, folded, words), one of which must occur);
+    ``left_edge``/``right_edge``: the sequence has a \\b before/after it."""
+    out = []
+    cur, mode, left = {""}, None, False
+    bounded = not flags & re.ASCII      # our words are Unicode \w runs, like \b's
+
+    def emit(right):
         if mode is not None and all(cur):
-            out.append(tuple(sorted((s, mode) for s in cur)))
+            out.append(tuple(sorted((s, mode, _words(s, left, right)) for s in cur)))
+
+    def close(right=False):
+        nonlocal cur, mode
+        emit(right)
         cur, mode = {""}, None
 
-    for op, av in items:
+    def is_boundary(item):
+        return bounded and item[0] is _C.AT and item[1] is _C.AT_BOUNDARY
+
+    boundary = bounded and left_edge    # is the previous item \b?
+    for index, (op, av) in enumerate(items):
+        after, boundary = boundary, is_boundary((op, av))
+        if cur == {""}:
+            left = after
         if op is _C.LITERAL:
             found = _literal(av, flags)
             if found is None:
@@ -659,6 +704,7 @@ def _clauses(items, flags):
                 continue
             if mode is not None and found[1] != mode:
                 close()
+                left = False
             cur = {s + found[0] for s in cur}
             mode = found[1]
             continue
@@ -667,19 +713,20 @@ def _clauses(items, flags):
             part = _expand(av[3] if op is _C.SUBPATTERN else [(op, av)], sub)
             if part is not None and part[1] is not None and (mode in (None, part[1])) \
                     and len(cur) * len(part[0]) <= MAX_EXPANSION:
-                if mode is not None and all(cur):
-                    out.append(tuple(sorted((s, mode) for s in cur)))   # shorter, fewer
+                emit(False)     # the shorter strings so far: fewer, maybe better
                 cur = {s + t for s in cur for t in part[0]}
                 mode = part[1]
                 continue
-        close()
+        close(boundary)
         if (op is _C.MAX_REPEAT or op is _C.MIN_REPEAT) and 2 <= av[0] <= 16 \
                 and len(av[2]) == 1 and av[2][0][0] is _C.LITERAL:
             found = _literal(av[2][0][1], flags)        # a{4}: "aaaa"
             if found is not None:
-                out.append(((found[0] * av[0], found[1]),))
+                out.append(((found[0] * av[0], found[1], ()),))
         elif op is _C.SUBPATTERN:
-            out += _clauses(av[3], _sub_flags(flags, av))
+            behind = (is_boundary(items[index + 1]) if index + 1 < len(items)
+                      else bounded and right_edge)
+            out += _clauses(av[3], _sub_flags(flags, av), after, behind)
         elif op is _C.ATOMIC_GROUP:
             out += _clauses(av, flags)
         elif op in _REPEATS and av[0] >= 1:
@@ -689,15 +736,18 @@ def _clauses(items, flags):
         elif op is _C.BRANCH:
             either = []
             share = max(1, MAX_EXPANSION // len(av[1]))
+            before = after
+            behind = (is_boundary(items[index + 1]) if index + 1 < len(items)
+                      else bounded and right_edge)
             for alt in av[1]:
-                best = _required(alt, flags, share)
+                best = _required(alt, flags, share, before, behind)
                 if best is None:
                     either = None
                     break
                 either += best
             if either and len(either) <= 32:
                 out.append(tuple(either))
-    close()
+    close(bounded and right_edge)
     return out
 
 
@@ -973,10 +1023,15 @@ def split_addresses(value: str, limit=MAX_ADDRESSES):
 
 
 class Target:
-    """One message as the rules see it; every view computed at most once."""
+    """One message as the rules see it; every view computed at most once.
 
-    def __init__(self, message):
+    ``word_kinds``: the kinds whose text is split into words (worth it when
+    many rules' needs can be looked up as words, see RuleSet.build).
+    """
+
+    def __init__(self, message, word_kinds=("body",)):
         self.message = message
+        self.word_kinds = word_kinds
         self._fields = None
         self._cache = {}
 
@@ -1084,6 +1139,21 @@ class Target:
             self._cache[key] = found
         return found
 
+    def words(self, kind):
+        """The set of \\w runs of the folded text, or None when its kind is
+        not split or the text is not ASCII (splitting it would then cost more
+        than the scans it spares)."""
+        key = ("words", kind)
+        found = self._cache.get(key, False)
+        if found is False:
+            text = self.folded(kind)
+            found = None
+            if kind in self.word_kinds and text.isascii():
+                # bytes.translate: a table, no Python code per character.
+                found = set(text.encode("ascii").translate(_NOT_WORD).decode("ascii").split())
+            self._cache[key] = found
+        return found
+
     def aligned(self, kind):
         """Are the folded text's positions those of the text?"""
         return len(self.folded(kind)) == len(self.text(kind))
@@ -1164,6 +1234,7 @@ class RuleSet:
     # Filled by build(): the evaluation plan.
     plan: list = field(default_factory=list)
     metas: list = field(default_factory=list)
+    word_kinds: tuple = ()
 
     def score(self, name) -> float:
         return self.scores.get(name, DEFAULT_SCORE)
@@ -1267,6 +1338,11 @@ class RuleSet:
         tests = [r for r in self.rules.values() if r.kind != "meta"]
         tests.sort(key=lambda r: order[r.kind])
         self.plan = [(r.name, r.kind, r) for r in tests]
+        worded = {}
+        for r in tests:
+            if r.kind in TEXT_KINDS and r.pattern.needs and any(w for _, _, w in r.pattern.needs):
+                worded[r.kind] = worded.get(r.kind, 0) + 1
+        self.word_kinds = tuple(k for k, n in worded.items() if n >= WORTH_SPLITTING)
         metas = {r.name: r for r in self.rules.values() if r.kind == "meta"}
         done, visiting, ordered = set(), set(), []
 
@@ -1318,7 +1394,7 @@ class RuleSet:
         before every ``check_every``-th rule (reading a thread's CPU clock
         is a system call: once per rule would cost more than most rules).
         """
-        target = Target(message)
+        target = Target(message, self.word_kinds)
         if others is None:
             others = other_hits(message)
         fired = {name: 1.0 for name in others}
