@@ -333,7 +333,7 @@ class MetaTests(unittest.TestCase):
     def test_syntax_errors(self):
         for bad in ["", "A &&", "(A", "A)", "A B", "A = B", "A < B < C", "A & B",
                     "__import__('os')", "A; B", "(" * 60 + "A" + ")" * 60,
-                    "A" + " + A" * 1000]:
+                    "A" + " + A" * 1000, "A" + "+A" * 200]:
             self.assertRaises(RuleError, parse_expression, bad)
 
     def test_names_are_only_names(self):
@@ -390,6 +390,11 @@ class PatternSafetyTests(unittest.TestCase):
                 compile_pattern(source)
             except RuleError as e:          # pragma: no cover - the message helps
                 self.fail(f"{source}: {e}")
+
+    def test_deep_nesting(self):
+        self.assertRaises(RuleError, compile_pattern, "(" * 510 + "a" + ")" * 510)
+        r = ruleset("body DEEP /" + "(" * 510 + "a+" + ")" * 510 + "/\nbody OK /a/\n")
+        self.assertEqual(list(r.rules), ["OK"])
 
     def test_refusal_in_file(self):
         r = ruleset("body NESTED /(?:\\w+\\s?)+!/\nbody FINE /fine/\n")

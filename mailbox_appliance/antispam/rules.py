@@ -97,9 +97,23 @@ backreferences; nested repeats that can split the same text in many ways
 swallow what lies between them (``\\s*\\s*``, ``a.*b.*c``, ``\\S+@\\S+``:
 bound one, ``.{0,40}``); and an unanchored pattern that starts with an
 unbounded repeat (``.*foo``: write ``foo``; ``\\d+x``: write ``\\dx`` or
-``\\b\\d+x``). Every unbounded repeat is
-further bounded to ``REPEAT_CAP`` characters, so what remains is at worst
-the text's length times that bound.
+``\\b\\d+x``). Every unbounded repeat is further bounded to
+``REPEAT_CAP`` characters (a ``.*`` spans at most 1,024 of them), so what
+remains is at worst the text's length times that bound. The budget is
+measured in the worker thread's CPU time and looked at every few rules.
+
+Speed
+=====
+
+Most rules do not match most mail, so a pattern is not searched until the
+literal text every match must contain is there: from the pattern's parse
+tree each rule gets a few needed strings (``\\b(?:cash|free) gift\\b``
+needs "cash gift" or "free gift", in the case-folded text when the rule
+ignores case), whose whole words are first looked up in the set of the
+body's words, then found with ``str.find``, once per message for all the
+rules that share them. When a pattern's matches are short, only the text
+around each occurrence is searched. ``bench/rules_speed.py`` measures
+300 rules on a 10 KiB message.
 """
 
 from __future__ import annotations
@@ -139,6 +153,7 @@ MAX_PATTERN = 1024
 MAX_RULES = 5000
 MAX_EXPRESSION = 2000
 MAX_NESTING = 50
+MAX_TOKENS = 256
 MAX_DESCRIPTION = 200
 MAX_ABS_SCORE = 1000.0
 
@@ -228,10 +243,13 @@ def compile_pattern(source: str, flags: int = 0) -> Pattern:
     except (re.error, OverflowError, RecursionError) as e:
         raise RuleError(f"bad regular expression: {e}")
     flags = tree.state.flags
-    _Checker(source, flags).check(tree)
-    needs = _required(tree.data, flags)
-    _bound_repeats(tree)
-    width = tree.getwidth()[1]
+    try:
+        _Checker(source, flags).check(tree)
+        needs = _required(tree.data, flags)
+        _bound_repeats(tree)
+        width = tree.getwidth()[1]
+    except RecursionError:
+        raise RuleError("pattern nested too deeply")
     if width > MAX_WINDOW_WIDTH or _looks_ahead(tree.data):
         width = None
     try:
@@ -773,6 +791,9 @@ def parse_expression(text: str):
         number, name, op = m.groups()
         tokens.append(("num", float(number)) if number else
                       ("name", name) if name else ("op", op))
+        if len(tokens) > MAX_TOKENS:
+            # The tree's depth, and so the evaluation's recursion, stays bounded.
+            raise RuleError(f"expression of more than {MAX_TOKENS} names and operators")
         pos = m.end()
     p = _ExpressionParser(tokens)
     tree = p.parse()
