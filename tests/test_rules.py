@@ -513,6 +513,19 @@ class HostileTests(unittest.TestCase):
         hits, _ = load_rules().evaluate(ScannedMessage.parse(raw))
         self.assertIn("MIME_TRUNCATED", hits)
 
+    def test_mime_bombs(self):
+        nested = (b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n"
+                           % (i, i) for i in range(2000))
+                  + b"Content-Type: text/plain\r\n\r\nviagra"
+                  + b"".join(b"\r\n--b%d--" % i for i in reversed(range(2000))) + b"\r\n")
+        hits, _ = load_rules().evaluate(ScannedMessage.parse(b"Subject: x\r\n" + nested))
+        self.assertIn("MIME_TRUNCATED", hits)
+        siblings = (b"Content-Type: multipart/mixed; boundary=b\r\n\r\n"
+                    + b"--b\r\nContent-Type: text/html\r\n\r\n<p>x</p>\r\n" * 100000
+                    + b"--b--\r\n")
+        hits, _ = load_rules().evaluate(ScannedMessage.parse(siblings))
+        self.assertIn("MIME_TRUNCATED", hits)
+
     def test_bad_encodings(self):
         raw = (b"Subject: =?x-unknown?B?AAAA?= \xff\xfe\r\nContent-Type: text/plain; "
                b"charset=nonsense\r\nContent-Transfer-Encoding: base64\r\n"
@@ -669,6 +682,29 @@ class DefaultRulesTests(unittest.TestCase):
         for name in ("PHARMA_NAMES", "URI_SHORTENER", "FROM_NAME_FOREIGN_ADDR",
                      "BASE64_PLAIN_TEXT", "SUBJECT_B64_NEEDLESS", "SPAM_TOPICS_SEVERAL"):
             self.assertIn(name, hits)
+
+    def test_some_rules(self):
+        cases = [
+            ("URI_CREDENTIALS", [], "see http://paypal.example@evil.example/login"),
+            ("INVISIBLE_IN_WORDS", [("Content-Type", "text/plain; charset=utf-8")],
+             "buy vi\u200bagra"),
+            ("PHARMA_NAMES", [("Content-Type", "text/plain; charset=utf-8")],
+             "buy vi\u200bagra"),
+            ("SHOUTING_LINE", [], "hello\n\nTHIS IS A VERY IMPORTANT MESSAGE FOR YOU, READ IT NOW\n"),
+            ("EXCLAIM_MANY", [], "a! b! c! d! e! f! g! h! i! j!"),
+            ("SEXTORTION", [], "I recorded you with your webcam. Pay 0.1 BTC."),
+            ("MANY_RECEIVED", [("Received", "from x")] * 16, "x"),
+            ("ATTACH_PROGRAM", [("Content-Type", "multipart/mixed; boundary=b")],
+             "--b\r\nContent-Type: application/octet-stream\r\n"
+             "Content-Disposition: attachment; filename=\"invoice.pdf.exe\"\r\n\r\nAA\r\n--b--\r\n"),
+            ("URI_PUNYCODE", [], "http://xn--pypal-4ve.example/"),
+            ("GIFT_CARD_REQUEST", [], "Please buy three Steam cards for me today"),
+        ]
+        for name, headers, body in cases:
+            msg = message([("Subject", "s")] + headers, body)
+            self.assertIn(name, self.rules.evaluate(msg)[0], name)
+        self.assertNotIn("SHOUTING_LINE", self.rules.evaluate(
+            message([("Subject", "s")], "Hello THIS IS A VERY IMPORTANT MESSAGE FOR YOU, READ IT"))[0])
 
     def test_other_filters_join(self):
         score, hits = self.total("ham_personal.eml", {"SPF_FAIL": 0, "DKIM_NONE": 0,
