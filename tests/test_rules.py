@@ -19,8 +19,12 @@ from mailbox_appliance.antispam.message import ScannedMessage
 from mailbox_appliance.antispam.rules import (RuleError, RulesFilter, RuleSet,
                                               compile_pattern, load_rules,
                                               parse_expression, split_addresses)
+from tests.e2e.harness import ANTISPAM_OFF
+from tests.smtp_helpers import ApplianceMixin, RawClient
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "content")
+CONTENT_ON = ANTISPAM_OFF.replace("[antispam.content]\nenabled = false",
+                                  "[antispam.content]\nenabled = true\nscan_timeout = \"10s\"")
 
 
 def message(headers=(), body="", hits=None, **envelope):
@@ -713,3 +717,71 @@ class DefaultRulesTests(unittest.TestCase):
         self.assertIn("AUTH_FAILED_BOTH", hits)
         self.assertIn("LISTED_AND_BAYES", hits)
         self.assertGreater(score, 5)
+
+
+class OnTheMXTests(ApplianceMixin, unittest.TestCase):
+    """The rules as the running MX's content filter (in its ContentScan)."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.assertIn("scan_timeout", CONTENT_ON)
+        yield self.start_appliance(extra=CONTENT_ON)
+
+    def use_rules(self, text):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        self.app.content_scan.filters = [RulesFilter([path], default_rules=False)]
+
+    def send(self, body):
+        c = RawClient(self.port)
+        try:
+            c.code()
+            c.cmd("EHLO client.ext.test")
+            c.cmd("MAIL FROM:<sender@ext.test>")
+            c.cmd("RCPT TO:<bob@example.test>")
+            c.cmd("DATA")
+            c.send(b"From: <sender@ext.test>\r\nSubject: offer\r\n\r\n" + body + b"\r\n.\r\n")
+            code, lines = c.reply()
+            c.cmd("QUIT")
+            return f"{code} {lines[0]}"
+        finally:
+            c.close()
+
+    def junk(self):
+        new = os.path.join(self.maildir("bob"), ".Junk", "new")
+        return [open(os.path.join(new, n), "rb").read() for n in sorted(os.listdir(new))] \
+            if os.path.isdir(new) else []
+
+    @defer.inlineCallbacks
+    def test_spam_refused(self):
+        self.use_rules("body PILLS /cheap pills/i\nscore PILLS 20\n")
+        reply = yield self.in_thread(self.send, b"Cheap  PILLS here")
+        self.assertTrue(reply.startswith("550 5.7.1"), reply)
+        yield self.settle()
+        self.assertEqual(self.delivered("bob"), [])
+        self.assertEqual(self.junk(), [])
+
+    @defer.inlineCallbacks
+    def test_spam_tagged_into_junk_and_ham_delivered(self):
+        self.use_rules("body PILLS /cheap pills/i\nscore PILLS 6\nbody __X /x/\n")
+        reply = yield self.in_thread(self.send, b"cheap pills")
+        self.assertTrue(reply.startswith("250 "), reply)
+        reply = yield self.in_thread(self.send, b"a letter")
+        self.assertTrue(reply.startswith("250 "), reply)
+        yield self.settle()
+        [spam] = self.junk()
+        self.assertIn(b"X-Spam-Flag: YES", spam)
+        self.assertIn(b"tests=PILLS", spam)
+        [ham] = self.delivered("bob")
+        self.assertIn(b"a letter", ham)
+        self.assertNotIn(b"PILLS", ham)
+
+    @defer.inlineCallbacks
+    def test_hostile_message_accepted(self):
+        self.use_rules(HostileTests.RULES)
+        body = b"\r\n".join([b"<a" * 450] * 35 + [b"ab" * 450] * 35 + [b"free " * 180] * 20)
+        reply = yield self.in_thread(self.send, body)
+        self.assertTrue(reply.startswith("250 "), reply)
