@@ -9,6 +9,7 @@ the store only when a FETCH or SEARCH item needs it, a batch at a time.
 from __future__ import annotations
 
 from twisted.internet import defer, task
+from twisted.logger import Logger
 
 from mailbox_appliance.imap import fetch as fetch_mod, mime
 from mailbox_appliance.imap.args import (
@@ -25,6 +26,13 @@ from mailbox_appliance.store.errors import (
     FolderExists, FolderHasChildren, FolderNameError, NoSuchFolder, StoreError)
 
 FETCH_BATCH = 200               # messages read from disk per thread hop
+# COPY/MOVE into or out of these folders are reported to the factory's
+# ``on_moved`` hook (the Bayesian filter learns from them); at most
+# MAX_REPORTED messages of one command, read one at a time.
+REPORTED_FOLDERS = frozenset({"Junk"})
+MAX_REPORTED = 500
+
+log = Logger(namespace="mailbox_appliance.imap.commands")
 PERMANENT_FLAGS = "\\Answered \\Flagged \\Deleted \\Seen \\Draft"
 
 
@@ -559,8 +567,10 @@ class IMAPSession(IMAPServerProtocol):
         d = self.userstore.mailbox(name)
 
         def got(dest):
-            return sel.mailbox.copy([u for _, u in wanted], dest, origin=sel).addCallback(
-                lambda pairs: self._copyuid(dest, pairs) + "COPY completed")
+            def copied(pairs):
+                self._report_moved(sel.name, name, dest, pairs)
+                return self._copyuid(dest, pairs) + "COPY completed"
+            return sel.mailbox.copy([u for _, u in wanted], dest, origin=sel).addCallback(copied)
 
         def failed(f):
             if f.check(NoSuchFolder):
@@ -585,6 +595,7 @@ class IMAPSession(IMAPServerProtocol):
             self.send_line(b"* OK " + self._copyuid(dest, pairs).strip().encode() + b" Moved")
             for line in sel.forget([a for a, _ in pairs]):
                 self.send_line(line)
+            self._report_moved(sel.name, name, dest, pairs)
             return "MOVE completed"
 
         def failed(f):
@@ -592,6 +603,31 @@ class IMAPSession(IMAPServerProtocol):
                 raise no("Mailbox does not exist", "TRYCREATE")
             return _store_error(f)
         return d.addCallback(got).addCallbacks(moved, failed)
+
+    def _report_moved(self, source, dest_name, dest, pairs):
+        """Hand the messages copied or moved into or out of Junk to the
+        factory's ``on_moved`` hook, one at a time, after the command.
+
+        Reading and the hook's work never delay or fail the command: the
+        answer does not wait for them and errors are only logged.
+        """
+        hook = getattr(self.factory, "on_moved", None)
+        if (hook is None or not pairs or source == dest_name
+                or not ({source, dest_name} & REPORTED_FOLDERS)):
+            return
+        domain, local = self.user.mailbox_parts
+        uids = [b for _, b in pairs][:MAX_REPORTED]
+
+        @defer.inlineCallbacks
+        def report():
+            for uid in uids:
+                try:
+                    data = yield dest.read(uid)
+                    yield defer.maybeDeferred(hook, domain, local, source, dest_name, data)
+                except Exception:
+                    log.failure("reporting a message moved from {source} to {dest}",
+                                source=source, dest=dest_name)
+        report()
 
     # IDLE -------------------------------------------------------------------
 
@@ -626,6 +662,17 @@ class IMAPSession(IMAPServerProtocol):
 
 
 class IMAPSessionFactory(IMAPServerFactory):
-    """Builds full IMAP sessions over the store."""
+    """Builds full IMAP sessions over the store.
+
+    ``on_moved(domain, local, source folder, dest folder, message bytes)``,
+    if set, is told of every message a user copies or moves into or out of
+    Junk (the Bayesian filter learns from it); it may return a Deferred,
+    which is waited for before the next message is read.
+    """
 
     protocol = IMAPSession
+    on_moved = None
+
+    def __init__(self, *args, on_moved=None, **kw):
+        super().__init__(*args, **kw)
+        self.on_moved = on_moved
