@@ -74,21 +74,27 @@ def generated_rules(count, rng):
 
 
 def make_message(size, spammy, rng):
-    """A multipart/alternative message of about ``size`` bytes."""
+    """A multipart/alternative message of ``size`` bytes (the text grown to fit)."""
     words = []
-    while sum(len(w) + 1 for w in words) < size * 0.42:
-        if spammy and rng.random() < 0.05:
-            words.append(rng.choice(TOPICS))
-        else:
-            words.append(rng.choice(WORDS))
-        if rng.random() < 0.08:
-            words[-1] += "."
-        if rng.random() < 0.01:
-            words.append("\n\n")
-    text = " ".join(words)
     links = [f"https://www.{rng.choice(WORDS)}{i}.example/{rng.choice(WORDS)}" for i in range(6)]
     if spammy:
         links += ["http://192.0.2.7/x", "https://bit.ly/abc"]
+    raw = b""
+    while len(raw) < size:
+        for _ in range(20):
+            if spammy and rng.random() < 0.05:
+                words.append(rng.choice(TOPICS))
+            else:
+                words.append(rng.choice(WORDS))
+            if rng.random() < 0.08:
+                words[-1] += "."
+            if rng.random() < 0.01:
+                words.append("\n\n")
+        raw = _message(" ".join(words), links, spammy)
+    return raw
+
+
+def _message(text, links, spammy):
     plain = text + "\n\n" + "\n".join(links) + "\n"
     html = ("<html><body><p>" + text.replace("\n\n", "</p><p>") + "</p>"
             + "".join(f'<p><a href="{u}" style="color:#333">{u}</a></p>' for u in links)
@@ -101,8 +107,7 @@ def make_message(size, spammy, rng):
             'Content-Type: multipart/alternative; boundary="b"\r\n\r\n')
     body = ("--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" + plain
             + "\r\n--b\r\nContent-Type: text/html; charset=utf-8\r\n\r\n" + html + "\r\n--b--\r\n")
-    raw = (head + body).replace("\r\n", "\n").replace("\n", "\r\n").encode()
-    return raw[:size] if len(raw) > size else raw
+    return (head + body).replace("\r\n", "\n").replace("\n", "\r\n").encode()
 
 
 def main():
