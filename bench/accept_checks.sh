@@ -14,10 +14,12 @@
 #        greylist lookup and refreshes the whitelisting, as a known sender's do).
 # In both: HELO checks and reverse DNS off, connection and message rate limits
 # far above the load (every client is 127.0.0.1), relay_networks empty (else
-# 127.0.0.1 would be exempt from the checks), [dns] servers at bench/checks_dns.py, a DNS server on
-# loopback that serves the sender's domain bench.test (MX, A, SPF TXT passing
-# 127.0.0.0/8) and NXDOMAIN for the client on both block lists. The order of
-# the two runs alternates from round to round.
+# 127.0.0.1 would be exempt from the checks), [dns] servers at
+# bench/checks_dns.py, a DNS server on loopback that serves the sender's domain
+# bench.test (MX, A, SPF TXT passing 127.0.0.0/8) and NXDOMAIN for the client on
+# both block lists; the content scan at end of data as configured by default
+# (it is not a door check). The order of the two runs alternates from round to
+# round.
 #
 # Printed per round: msgs/s off and on and the cost (1 - on/off) in %, with the
 # CPU time per message of the appliance (and of the DNS server, and the DNS
@@ -26,8 +28,9 @@
 # run that lost any is reported as FAILED (exit status 1).
 #
 # ROUNDS=N rounds (default 3). CHECKS: the checks of "on", a subset of
-# "dnsbl mx spf greylist" (the default, all four), to see what each costs. DNS_NEGATIVE_TTL: the negative TTL of the DNS
-# server's zones (default 60; 0: NXDOMAIN without SOA, nothing cacheable).
+# "dnsbl mx spf greylist" (the default, all four), to see what each costs.
+# DNS_NEGATIVE_TTL: the negative TTL of the DNS server's zones (default 60; 0:
+# NXDOMAIN without SOA, nothing cacheable).
 # KEEP_LOGS=1 keeps the scratch folder (twistd logs, smtp-source output).
 # PYTHON: an interpreter with the appliance's dependencies (default the
 # checkout's .venv). Needs smtp-source (Debian package postfix). Loopback only;
