@@ -233,6 +233,21 @@ class StoreFunctionTests(unittest.TestCase):
         counts, _, _ = self.counts(ids + [-5])
         self.assertEqual(len(counts), 3000)
 
+    def test_cache_follows_writes_of_any_connection(self):
+        cache = bayes_store.CountCache()
+        bayes_store.learn(self.conn, "", [1], b"a", True)
+        self.assertEqual(bayes_store.lookup(self.conn, [1, 2], "", cache)[0], {1: (1, 0)})
+        self.assertEqual(cache.entries, {(0, 1): (1, 0), (0, 2): None})
+        self.assertEqual(bayes_store.lookup(self.conn, [1, 2], "", cache)[0], {1: (1, 0)})
+        other = bayes_store.connect(self.path)      # the train command, say
+        bayes_store.learn(other, "", [1, 2], b"b", True)
+        other.close()
+        self.assertEqual(bayes_store.lookup(self.conn, [1, 2], "", cache)[0],
+                         {1: (2, 0), 2: (1, 0)})
+        bayes_store.learn(self.conn, "", [2], b"c", False)     # this connection
+        self.assertEqual(bayes_store.lookup(self.conn, [1, 2], "", cache)[0],
+                         {1: (2, 0), 2: (1, 1)})
+
     def test_expiry_by_age(self):
         day = bayes_store.DAY
         bayes_store.learn(self.conn, "", [1, 2], b"old", True, now=1000 * day)

@@ -48,6 +48,7 @@ MAX_AGE = 180 * 86400.0
 MAX_USER = 320              # characters of a user's name (an address)
 LOOKUP_CHUNK = 900          # ids per IN (...) query (SQLite's old 999-variable limit)
 DAY = 86400.0
+MAX_CACHED = 300000         # token counts kept in memory by the filter's thread
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -137,11 +138,36 @@ def _user_id(conn, user, create=False):
     return conn.execute("INSERT INTO users (name) VALUES (?)", (_name(user),)).lastrowid
 
 
-def lookup(conn, ids, user=""):
+class CountCache:
+    """Token counts already read, for the filter's thread (bounded).
+
+    Valid while nothing was written: neither by this connection (its
+    ``total_changes``) nor by another one, such as the train command
+    (SQLite's ``PRAGMA data_version``). Any write empties it, which is rare
+    next to the lookups (a user's move, a training run, the hourly sweep).
+    Absent tokens are remembered too (as None).
+    """
+
+    def __init__(self, max_entries=MAX_CACHED):
+        self.max_entries = max_entries
+        self.entries = {}
+        self.key = None
+
+    def check(self, conn):
+        key = (conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
+        if key != self.key or len(self.entries) > self.max_entries:
+            self.entries.clear()
+            self.key = key
+
+
+def lookup(conn, ids, user="", cache=None):
     """({token id: (spam, ham)}, spam learned, ham learned) for the global
-    database plus ``user``'s ("" = global only), in one read transaction."""
+    database plus ``user``'s ("" = global only), in one read transaction.
+    ``cache`` (a CountCache) spares the queries for tokens already read."""
     conn.execute("BEGIN")
     try:
+        if cache is not None:
+            cache.check(conn)
         users = [(0,) + user_totals(conn, "")]
         if user:
             row = conn.execute("SELECT id, nspam, nham FROM users WHERE name=?",
@@ -153,14 +179,31 @@ def lookup(conn, ids, user=""):
         nham = sum(u[2] for u in users)
         ids = list(ids)
         for uid, _, _ in users:
-            for i in range(0, len(ids), LOOKUP_CHUNK):
-                chunk = ids[i:i + LOOKUP_CHUNK]
+            found = {}
+            if cache is None:
+                wanted = ids
+            else:
+                entries = cache.entries
+                wanted = []
+                for t in ids:
+                    c = entries.get((uid, t), False)
+                    if c is False:
+                        wanted.append(t)
+                    elif c is not None:
+                        found[t] = c
+            for i in range(0, len(wanted), LOOKUP_CHUNK):
+                chunk = wanted[i:i + LOOKUP_CHUNK]
                 sql = ("SELECT token, spam, ham FROM tokens WHERE uid=? AND token IN ("
                        + ",".join("?" * len(chunk)) + ")")
-                for token, spam, ham in conn.execute(sql, [uid] + chunk):
-                    old = counts.get(token)
-                    counts[token] = (spam, ham) if old is None else (old[0] + spam,
-                                                                    old[1] + ham)
+                read = {token: (spam, ham) for token, spam, ham
+                        in conn.execute(sql, [uid] + chunk)}
+                found.update(read)
+                if cache is not None:
+                    for t in chunk:
+                        cache.entries[(uid, t)] = read.get(t)
+            for token, c in found.items():
+                old = counts.get(token)
+                counts[token] = c if old is None else (old[0] + c[0], old[1] + c[1])
     finally:
         conn.execute("COMMIT")
     return counts, nspam, nham
@@ -299,6 +342,7 @@ class BayesStore(service.Service):
         self._sweep = None
         self._opened = None
         self._sweeping = False
+        self.cache = CountCache()       # used in the thread only
 
     def open(self):
         """Start the thread and open the database in it; a Deferred of the open."""
