@@ -617,3 +617,35 @@ class IMAPMoveHookTests(ApplianceMixin, unittest.TestCase):
             return c.cmd("m", "MOVE 1 Junk")
         moved = yield self.in_thread(talk)
         self.assertTrue(moved[-1].startswith(b"m OK"), moved)
+
+    @defer.inlineCallbacks
+    def test_moves_train_the_users_tokens(self):
+        """The hook wired to the learner, as the appliance does."""
+        store = bayes_store.BayesStore(os.path.join(self.config.server.data_dir,
+                                                    "bayes.sqlite3"), reactor)
+        yield store.open()
+        self.addCleanup(store.close)
+        learner = bayes_train.move_learner(self.config, store)
+        learned = defer.DeferredQueue()
+
+        def on_moved(*args):
+            return learner.on_moved(*args).addCallback(learned.put)
+        self.app.listeners["imap"].factory.on_moved = on_moved
+        spam = read(fixture_files("spam")[2]).replace(b"\n", b"\r\n")
+
+        def talk():
+            c = self.session()
+            self.append(c, "INBOX", spam)
+            c.cmd("s", "SELECT INBOX")
+            return c.cmd("m", "MOVE 1 Junk")
+        yield self.in_thread(talk)
+        self.assertEqual((yield learned.get()), "learned")
+        self.assertEqual((yield store.totals("alice@example.test")), (1, 0))
+
+        def back():
+            c = self.session()
+            c.cmd("s", "SELECT Junk")
+            return c.cmd("m", "MOVE 1 INBOX")
+        yield self.in_thread(back)
+        self.assertEqual((yield learned.get()), "relearned")
+        self.assertEqual((yield store.totals("alice@example.test")), (0, 1))
