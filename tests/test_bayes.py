@@ -347,6 +347,31 @@ class FilterTests(unittest.TestCase):
         off, msg_off = yield self.scan(NEW_SPAM, min_spam=5, min_ham=5, per_user=False)
         self.assertEqual(msg_off.facts["bayes"], msg_b.facts["bayes"])
 
+    @defer.inlineCallbacks
+    def test_other_addresses_of_a_user_use_the_users_tokens(self):
+        from tests.fakes import FakeDirectory
+        self.learn_fixtures()
+        conn = bayes_store.connect(self.store.path)
+        for i in range(3):
+            bayes_train.learn_raw(conn, "alice@example.test",
+                                  NEW_SPAM.replace(b"Click now", b"Click now %d" % i), False)
+        conn.close()
+        directory = FakeDirectory()
+        directory.add_user("alice", "alice@example.test", "a.l@example.test")
+        f = bayes.BayesFilter(self.store, min_spam=5, min_ham=5,
+                              local_domains=("example.test",), directory=directory)
+        scores = []
+        for rcpt in ("alice@example.test", "a.l@example.test", "nobody@example.test"):
+            msg = ScannedMessage.parse(NEW_SPAM, recipients=(rcpt,))
+            yield f.scan(msg, _Session())
+            scores.append(msg.facts["bayes"])
+        self.assertEqual(scores[0], scores[1])
+        self.assertLess(scores[1], scores[2])
+        directory.down = True
+        msg = ScannedMessage.parse(NEW_SPAM, recipients=("a.l@example.test",))
+        yield f.scan(msg, _Session())
+        self.assertEqual(msg.facts["bayes"], scores[2])
+
     def test_user_for(self):
         f = bayes.BayesFilter(None, local_domains=("example.test",))
         one = ScannedMessage.parse(NEW_HAM, recipients=("<Alice@Example.TEST>",))

@@ -38,6 +38,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -439,17 +440,22 @@ class BayesFilter:
 
     ``store`` is the running ``bayes_store.BayesStore``. With ``per_user``,
     a message for one recipient of a ``local_domains`` domain is judged
-    with that recipient's learned tokens added to the global ones.
+    with that recipient's learned tokens added to the global ones. Users
+    learn under their primary address (their Maildir's, what IMAP knows);
+    with a ``directory`` (IDirectory) a recipient that is another address
+    of a user is judged with that user's tokens.
     """
 
     name = "bayes"
 
-    def __init__(self, store, min_spam=200, min_ham=200, per_user=True, local_domains=()):
+    def __init__(self, store, min_spam=200, min_ham=200, per_user=True, local_domains=(),
+                 directory=None):
         self.store = store
         self.min_spam = min_spam
         self.min_ham = min_ham
         self.per_user = per_user
         self.local_domains = {d.lower() for d in local_domains}
+        self.directory = directory
 
     def user_for(self, message) -> str:
         """The user whose tokens join the global ones for ``message`` ("" = none)."""
@@ -462,10 +468,25 @@ class BayesFilter:
         return address
 
     def scan(self, message, session):
-        user = self.user_for(message)
-        d = self.store.call(classify_in_thread, message, user, self.min_spam, self.min_ham,
-                            getattr(self.store, "cache", None))
+        d = defer.succeed(self.user_for(message))
+        if self.directory is not None:
+            d.addCallback(self._primary)
+        d.addCallback(lambda user: self.store.call(
+            classify_in_thread, message, user, self.min_spam, self.min_ham,
+            getattr(self.store, "cache", None)))
         return d.addCallback(self._result, message)
+
+    def _primary(self, address):
+        """The primary address of the user ``address`` belongs to (else itself)."""
+        if not address:
+            return address
+
+        def found(resolution):
+            user = getattr(resolution, "user", None)
+            return user_key(user.mail) if resolution.known and user is not None else address
+        # The directory being down costs only the per-user part.
+        return defer.maybeDeferred(self.directory.lookup, address).addCallbacks(
+            found, lambda f: address)
 
     def _result(self, c, message):
         message.facts["bayes"] = c.probability
@@ -481,7 +502,8 @@ def filters(config, reactor, resolver, state=None):
     """The Bayes filter of the configuration: [] when off or without its store.
 
     ``state`` is the dict of shared services the registry passes: the
-    running ``BayesStore`` is ``state["bayes"]`` (``open_bayes`` made it).
+    running ``BayesStore`` is ``state["bayes"]`` (``open_bayes`` made it),
+    the directory (optional: aliases judged as their user) ``state["directory"]``.
     """
     b = config.antispam.bayes
     if not b.enabled:
@@ -491,7 +513,8 @@ def filters(config, reactor, resolver, state=None):
         log.warn("Bayes filter enabled but no token database was opened: not run")
         return []
     return [BayesFilter(store, min_spam=b.min_spam, min_ham=b.min_ham,
-                        per_user=b.per_user, local_domains=config.server.domains)]
+                        per_user=b.per_user, local_domains=config.server.domains,
+                        directory=state.get("directory"))]
 
 
 def open_bayes(config, reactor):
