@@ -26,6 +26,7 @@ from mailbox_appliance.store.errors import (
     FolderExists, FolderHasChildren, FolderNameError, NoSuchFolder, StoreError)
 
 FETCH_BATCH = 200               # messages read from disk per thread hop
+PERMANENT_FLAGS = "\\Answered \\Flagged \\Deleted \\Seen \\Draft"
 # COPY/MOVE into or out of these folders are reported to the factory's
 # ``on_moved`` hook (the Bayesian filter learns from them); at most
 # MAX_REPORTED messages of one command, read one at a time.
@@ -33,7 +34,6 @@ REPORTED_FOLDERS = frozenset({"Junk"})
 MAX_REPORTED = 500
 
 log = Logger(namespace="mailbox_appliance.imap.commands")
-PERMANENT_FLAGS = "\\Answered \\Flagged \\Deleted \\Seen \\Draft"
 
 
 def _store_error(f):
