@@ -171,8 +171,15 @@ class Appliance(service.MultiService):
         self.authenticator = Authenticator(directory, reactor)
         from mailbox_appliance.antispam.registry import (
             build_checks, content_scan, signing_scan, submission_checks)
-        # A dict: the checks share what they keep there (the block-list cache).
-        shared = {"store": self.state}
+        from mailbox_appliance.antispam.registry import open_content_state
+        # A dict: the checks share what they keep there (the block-list
+        # cache, the Bayes token database, the directory for per-user tokens).
+        shared = {"store": self.state, "directory": directory}
+        for name, svc in open_content_state(config, reactor).items():
+            # Added before the listeners: started before any message arrives.
+            svc.setServiceParent(self)
+            shared[name] = svc
+        self.bayes = shared.get("bayes")
         door, door_after = build_checks(config, reactor, self.resolver, shared)
         self.content_scan = content_scan(config, reactor, self.resolver, shared)
         self.policy = PolicyChain(door + [
@@ -216,6 +223,9 @@ class Appliance(service.MultiService):
         reactor = self.reactor
         plaintext_ok = networks_predicate(config.plaintext_auth_nets())
         maildrops = StoreMaildrops(self.store)
+        from mailbox_appliance.antispam.bayes_train import move_learner
+        # Users teach the Bayesian filter by moving mail into and out of Junk.
+        learner = move_learner(config, getattr(self, "bayes", None))
         for name, implicit in (("pop3", False), ("pop3s", True)):
             description = getattr(config.listen, name)
             if description:
@@ -232,7 +242,8 @@ class Appliance(service.MultiService):
                     plaintext_ok=plaintext_ok, max_append=config.imap.max_append,
                     max_command=config.imap.max_command,
                     idle_timeout=config.imap.idle_timeout,
-                    max_user_ip_connections=config.imap.max_user_ip_connections)
+                    max_user_ip_connections=config.imap.max_user_ip_connections,
+                    on_moved=learner.on_moved if learner is not None else None)
                 self._listen(name, description, factory, implicit_tls=implicit)
 
     def _control(self, config):

@@ -124,12 +124,13 @@ async def explain(cfg, reactor, raw, args):
     from mailbox_appliance.smtp.session import SessionState
 
     c = cfg.antispam.content
-    services = open_content_state(cfg, reactor)
+    state = open_content_state(cfg, reactor)
+    services = list(state.values())
     for svc in services:
         await _maybe(svc.startService())
     try:
         resolver = make_resolver(reactor, cfg)
-        scan = ContentScan(reactor, content_filters(cfg, reactor, resolver, {}),
+        scan = ContentScan(reactor, content_filters(cfg, reactor, resolver, state),
                            cfg.server.hostname, tag_score=c.tag_score,
                            reject_score=c.reject_score, max_scan_size=c.max_scan_size,
                            timeout=parse_duration(c.scan_timeout))

@@ -621,7 +621,7 @@ def _validate_antispam(p, a):
     durations = [("connection", "greet_pause"), ("connection", "rate_window"),
                  ("dns", "timeout"), ("greylist", "delay"), ("greylist", "retry_window"),
                  ("greylist", "auto_whitelist"), ("greylist", "dnsbl_delay"),
-                 ("content", "scan_timeout"), ("rules", "time_budget"),
+                 ("content", "scan_timeout"),
                  ("bayes", "token_max_age")]
     for sub, key in durations:
         try:
@@ -707,12 +707,28 @@ def _validate_content(p, a):
         if m.default_action not in ("tempfail", "accept"):
             raise ConfigError(f"{p}: [[antispam.milter]] {m.name}: default_action: expected "
                               f"tempfail or accept, got {m.default_action!r}")
-    for f in a.rules.files:
+    _validate_rules(p, a.rules)
+
+
+def _validate_rules(p, r):
+    from mailbox_appliance.antispam.rules import load_rules, parse_budget
+    try:
+        parse_budget(r.time_budget)
+    except ValueError as e:
+        raise ConfigError(f"{p}: [antispam.rules] {e}")
+    for f in r.files:
         try:
             with open(f, "rb"):
                 pass
         except OSError as e:
             raise ConfigError(f"{p}: [antispam.rules] files: cannot read {f}: {e.strerror}")
+    if r.enabled and r.files:
+        # A rule file with errors is refused at start, as Postfix refuses a
+        # bad main.cf; a reload (SIGHUP) keeps the rules that parse.
+        problems = load_rules(r.files, r.default_rules).errors
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ConfigError(f"{p}: [antispam.rules] files: {problems[0]}{more}")
 
 
 def _not_a_folder(path):

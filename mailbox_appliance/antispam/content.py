@@ -48,7 +48,8 @@ log = Logger(namespace="mailbox_appliance.antispam.content")
 
 # Header fields a client must not bring in under our name (RFC 8601 §5:
 # remove A-R fields claiming our authserv-id; our spam fields likewise).
-OUR_SPAM_FIELDS = ("x-spam-flag", "x-spam-score", "x-spam-status", "x-spam-level")
+OUR_SPAM_FIELDS = ("x-spam-flag", "x-spam-score", "x-spam-status", "x-spam-level",
+                   "x-spam-bayes")
 
 
 class IContentFilter(Interface):

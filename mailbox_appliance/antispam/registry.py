@@ -49,13 +49,17 @@ def content_filters(config, reactor, resolver, state=None):
 
 
 def _content_modules():
-    from mailbox_appliance.antispam import dkim_verify, dmarc, milter_filter
-    return [dkim_verify, dmarc, milter_filter]
+    from mailbox_appliance.antispam import bayes, dkim_verify, dmarc, milter_filter, rules
+    return [dkim_verify, dmarc, milter_filter, bayes, rules]
 
 
 def open_content_state(config, reactor):
-    """The services the content filters keep their state in (started by the caller)."""
-    return []
+    """The services the content filters keep their state in, by the name the
+    filters look them up under in the shared state (not started: the caller
+    starts them before the first message)."""
+    from mailbox_appliance.antispam.bayes import open_bayes
+    services = {"bayes": open_bayes(config, reactor)}
+    return {name: svc for name, svc in services.items() if svc is not None}
 
 
 def content_scan(config, reactor, resolver, state=None):
