@@ -593,6 +593,10 @@ check_sender_mx = false
 enabled = false
 [antispam.greylist]
 enabled = false
+[antispam.rules]
+enabled = false
+[antispam.bayes]
+enabled = false
 """
 
 

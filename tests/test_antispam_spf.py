@@ -434,6 +434,10 @@ verify = false
 sign = false
 [antispam.dmarc]
 enabled = false
+[antispam.rules]
+enabled = false
+[antispam.bayes]
+enabled = false
 """
 
 

@@ -81,8 +81,10 @@ Robustness
 ==========
 
 A statement with an error is reported as ``file:line: problem`` and
-skipped; the rest of the file still loads, so a typo in a local file never
-stops the appliance. Rules are compiled once, when the files are read at
+skipped; the rest of the file still loads. The appliance's configuration
+check refuses to start on such a file (as on any bad setting), but a
+reload of the running appliance keeps what parses, so a typo never takes
+a running MX down. Rules are compiled once, when the files are read at
 start-up and on ``reload()`` (the appliance calls it on SIGHUP).
 
 Hostile messages meet the rules in a worker thread, never in the reactor
