@@ -148,8 +148,11 @@ class Appliance(service.MultiService):
                                               worker=self.delivery_worker,
                                               on_delivered=self.store.notify_delivered)
         from mailbox_appliance.delivery.remote import RemoteDelivery
-        from mailbox_appliance.dns import make_resolver
-        self.resolver = make_resolver(reactor, config)
+        from mailbox_appliance.dns import CachingResolver, make_resolver
+        # One answer cache for everything that asks DNS: outbound MX lookups,
+        # the door checks (the sender's MX, reverse DNS, HELO names), DKIM keys
+        # and DMARC records; a stream of mail from one sender asks once per TTL.
+        self.resolver = CachingResolver(make_resolver(reactor, config), reactor)
         self.remote_delivery = RemoteDelivery(reactor, config, resolver=self.resolver)
         self.queue = QueueManager(reactor, config, self.spool, self.router, self.local_delivery,
                                   remote_agent=self.remote_delivery)

@@ -27,6 +27,10 @@ from zope.interface import implementer
 
 RESOLV_CONF = "/etc/resolv.conf"
 
+# twisted.names opens a fresh UDP port per query (a random source port);
+# its "starting on"/"stopping" lines would be two log lines per lookup.
+dns.DNSDatagramProtocol.noisy = False
+
 
 def parse_server(text: str) -> tuple[str, int]:
     """``"host:port"``, ``"[v6]:port"``, a bare IPv4/IPv6 address (port 53).

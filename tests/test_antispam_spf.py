@@ -356,6 +356,74 @@ class SkipTests(SPFTestBase):
         self.assertIsNot(spf._original_lookup, spf._dispatch)
 
 
+class CacheTests(SPFTestBase):
+    """Outcomes and DNS answers are reused while the answers live."""
+
+    def counted(self):
+        evaluations = []
+        run = self.spf._run_in_thread
+
+        def counting(f, *args):
+            evaluations.append(args[1:3])
+            return run(f, *args)
+        self.spf._run_in_thread = counting
+        return evaluations
+
+    @defer.inlineCallbacks
+    def test_outcome_reused_until_its_shortest_ttl(self):
+        evaluations = self.counted()
+        first, s1 = yield self.mail("user@pass.test")
+        asked = len(self.fake.queries)
+        again, s2 = yield self.mail("user@pass.test")
+        self.assertAccepted(again, s2, "pass")
+        self.assertEqual(s2.trace_headers, s1.trace_headers)
+        self.assertEqual(len(evaluations), 1)
+        self.assertEqual(len(self.fake.queries), asked)
+        # The zone's TTL is 60 s: the outcome is kept no longer.
+        self.reactor.clock.advance(61)
+        verdict, s3 = yield self.mail("user@pass.test")
+        self.assertAccepted(verdict, s3, "pass")
+        self.assertEqual(len(evaluations), 2)
+
+    @defer.inlineCallbacks
+    def test_other_sender_client_or_helo_evaluated_apart(self):
+        evaluations = self.counted()
+        yield self.mail("user@pass.test")
+        yield self.mail("other@pass.test")
+        yield self.mail("user@pass.test", helo="other.example")
+        verdict, s = yield self.mail("user@pass.test", client_ip="198.51.100.77")
+        self.assertRefused(verdict, s, 550, "5.7.23")
+        self.assertEqual(len(evaluations), 4)
+        # The record itself came from the DNS cache after the first time.
+        self.assertEqual(self.fake.queries.count(("pass.test", "TXT")), 1)
+
+    @defer.inlineCallbacks
+    def test_temperror_never_kept(self):
+        evaluations = self.counted()
+        for _ in range(2):
+            verdict, s = yield self.mail("user@broken-include.test")
+            self.assertRefused(verdict, s, 451, "4.7.24")
+        self.assertEqual(len(evaluations), 2)
+
+    @defer.inlineCallbacks
+    def test_negative_answers_kept_briefly(self):
+        evaluations = self.counted()
+        verdict, s = yield self.mail("user@void2.test")
+        self.assertEqual(s.spf_result, "fail")
+        expiry = max(e for e, _ in self.spf._outcomes.values())
+        self.assertLessEqual(expiry - self.reactor.seconds(), spf.NEGATIVE_TTL)
+        self.reactor.clock.advance(spf.NEGATIVE_TTL + 1)
+        yield self.mail("user@void2.test")
+        self.assertEqual(len(evaluations), 2)
+
+    @defer.inlineCallbacks
+    def test_cache_bounded(self):
+        self.spf.max_outcomes = 2
+        for local in ("a", "b", "c"):
+            yield self.mail(f"{local}@pass.test")
+        self.assertEqual(len(self.spf._outcomes), 2)
+
+
 class OffTheReactorTests(SPFTestBase):
     """The evaluation runs in a thread; the reactor answers at the deadline."""
 

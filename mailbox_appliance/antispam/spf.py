@@ -33,13 +33,22 @@ module-level ``DNSLookup`` function, which is replaced once by a dispatcher
 that hands each lookup to the function the running check installed for its
 own thread (so two appliances with different servers in one process - the
 tests - do not share one).
+
+A stream of mail from one sender would otherwise cost a thread hop and a
+pyspf evaluation per message. The DNS answers are kept (dnspython's LRU
+cache, for their TTL) and so is each outcome, per client address, sender
+and HELO name, for as long as the shortest-lived answer it read (at most
+``MAX_OUTCOME_TTL``; answers that a name does not exist count as
+``NEGATIVE_TTL``); a temperror is never kept.
 """
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import re
 import threading
+import time
 
 import dns.exception
 import dns.nameserver
@@ -63,6 +72,10 @@ MAX_CONCURRENT = 4
 # Longest explanation or problem text put in a reply or header (they come
 # from DNS, i.e. from whoever runs the sender's domain).
 MAX_TEXT = 200
+# The caches of answers and of outcomes: entries, and how long an outcome lives.
+MAX_CACHED = 10000
+MAX_OUTCOME_TTL = 300
+NEGATIVE_TTL = 30
 
 RESULTS = frozenset({"pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"})
 
@@ -81,17 +94,27 @@ class DNSLookups:
     refusals and timeouts raise pyspf's TempError.
     """
 
-    def __init__(self, servers):
+    def __init__(self, servers, cache_size=MAX_CACHED):
         self.servers = tuple(servers)
+        # Thread-safe; shared by the threads of concurrent checks.
+        self.cache = dns.resolver.LRUCache(cache_size) if cache_size else None
 
     def resolver(self):
-        # A fresh resolver per lookup: cheap, and nothing shared between
-        # the threads of concurrent checks.
+        # A fresh resolver per lookup: cheap, and no state but the cache
+        # shared between the threads of concurrent checks.
         r = dns.resolver.Resolver(configure=False)
         r.nameservers = [dns.nameserver.Do53Nameserver(host, port)
                          for host, port in self.servers]
         r.retry_servfail = False
+        r.cache = self.cache
         return r
+
+    @staticmethod
+    def _lived(seconds):
+        """The evaluation in this thread read an answer good for ``seconds``."""
+        current = getattr(_per_thread, "ttl", None)
+        if current is not None:
+            _per_thread.ttl = min(current, max(0, int(seconds)))
 
     def __call__(self, name, qtype, strict=True, timeout=20):
         if not self.servers:
@@ -100,6 +123,7 @@ class DNSLookups:
             answers = self.resolver().resolve(name, qtype, lifetime=max(0.01, timeout),
                                               search=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.YXDOMAIN):
+            self._lived(NEGATIVE_TTL)
             return []
         except (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong,
                 dns.name.IDNAException, UnicodeError):
@@ -111,6 +135,8 @@ class DNSLookups:
         except (dns.exception.DNSException, OSError) as e:
             raise pyspf.TempError(f"DNS error looking up {qtype} {name}: "
                                   f"{type(e).__name__}")
+        # What is left of the TTL (less than the record's when cached).
+        self._lived(answers.expiration - time.time())
         out = []
         for rdata in answers:
             if qtype in ("A", "AAAA"):
@@ -160,10 +186,12 @@ def system_servers():
 class Outcome:
     """An SPF result with pyspf's explanation (fail) or problem (errors)."""
 
-    def __init__(self, result, explanation="", problem=""):
+    def __init__(self, result, explanation="", problem="", ttl=0):
         self.result = result if result in RESULTS else "temperror"
         self.explanation = explanation
         self.problem = problem
+        # How long the outcome may be reused: its shortest-lived DNS answer.
+        self.ttl = ttl
 
     def __repr__(self):
         return f"Outcome({self.result!r}, {self.explanation!r}, {self.problem!r})"
@@ -172,6 +200,7 @@ class Outcome:
 def evaluate(lookups, ip, sender, helo, receiver, budget):
     """check_host() by pyspf with ``lookups`` for DNS: an :class:`Outcome`. Blocks."""
     _per_thread.lookup = lookups
+    _per_thread.ttl = MAX_OUTCOME_TTL
     try:
         q = pyspf.query(i=ip, s=sender, h=helo, receiver=receiver, querytime=budget)
         result, _code, explanation = q.check()
@@ -182,13 +211,15 @@ def evaluate(lookups, ip, sender, helo, receiver, budget):
             explanation = ""
         if result == "fail" and explanation == pyspf.EXPLANATIONS["fail"]:
             explanation = ""        # pyspf's default: ours reads better
-        return Outcome(result, printable(explanation), printable(problem))
+        return Outcome(result, printable(explanation), printable(problem),
+                       ttl=0 if result == "temperror" else _per_thread.ttl)
     except Exception as e:
         # A bug, or a record pyspf chokes on: not the sender's fault for sure.
         log.failure("spf: evaluating {sender} from {ip} failed", sender=sender, ip=ip)
         return Outcome("temperror", problem=printable(f"internal error {type(e).__name__}"))
     finally:
         _per_thread.lookup = None
+        _per_thread.ttl = None
 
 
 def printable(text, limit=MAX_TEXT) -> str:
@@ -313,6 +344,9 @@ class SPFCheck:
         self.reject_permerror = permerror == "reject"
         self._run_in_thread = run_in_thread or self._in_pool
         self._slots = defer.DeferredSemaphore(max_concurrent)
+        # (ip, sender, helo) -> (expiry, Outcome), least recently used first.
+        self._outcomes = collections.OrderedDict()
+        self.max_outcomes = MAX_CACHED
 
     def _in_pool(self, f, *args):
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), f, *args)
@@ -345,7 +379,26 @@ class SPFCheck:
         return d.addCallback(self._verdict, session, ip, sender, helo, identity, envelope, kind)
 
     def _evaluate(self, ip, sender, helo):
-        """A Deferred of the Outcome, temperror at the deadline; never fails."""
+        """A Deferred of the Outcome (kept while its DNS answers live), temperror
+        at the deadline; never fails."""
+        key = (ip, sender.lower(), helo.lower())
+        now = self.reactor.seconds()
+        kept = self._outcomes.get(key)
+        if kept is not None:
+            if kept[0] > now:
+                self._outcomes.move_to_end(key)
+                return defer.succeed(kept[1])
+            del self._outcomes[key]
+        return self._evaluate_now(ip, sender, helo).addCallback(self._keep, key)
+
+    def _keep(self, outcome, key):
+        if outcome.ttl > 0 and outcome.result != "temperror" and self.max_outcomes > 0:
+            while len(self._outcomes) >= self.max_outcomes:
+                self._outcomes.popitem(last=False)
+            self._outcomes[key] = (self.reactor.seconds() + outcome.ttl, outcome)
+        return outcome
+
+    def _evaluate_now(self, ip, sender, helo):
         outcome = defer.Deferred()
         expired = []
 

@@ -148,7 +148,9 @@ class RemoteDelivery:
         dl = config.delivery
         if resolver is None:
             resolver = make_resolver(reactor, config)
-        self.dns_cache = CachingResolver(resolver, reactor)
+        # The appliance passes its shared cache; anything else gets one of its own.
+        self.dns_cache = (resolver if isinstance(resolver, CachingResolver)
+                          else CachingResolver(resolver, reactor))
         self.mx = MXResolver(self.dns_cache, rng=rng)
         self.tls_client = tls_client if tls_client is not None else \
             tls.ClientTLS(dl.tls_ca_file)
