@@ -112,8 +112,9 @@ class IStateStore(Interface):
     def greylist_put(entry):
         """Insert or replace the triplet's entry (all fields as given)."""
 
-    def greylist_whitelist(network, sender, recipient, now, until):
-        """Whitelist the triplet until ``until`` (creating it if needed), count a pass.
+    def greylist_whitelist(network, sender, recipient, now, until, passes=1):
+        """Whitelist the triplet until ``until`` (creating it if needed), count
+        ``passes`` passes.
 
         Fires with the stored L{GreylistEntry}.
         """
@@ -205,15 +206,16 @@ def put_entry(conn, entry, max_entries=None):
             _cap(conn, max_entries)
 
 
-def whitelist_entry(conn, network, sender, recipient, now, until, max_entries=None):
+def whitelist_entry(conn, network, sender, recipient, now, until, max_entries=None,
+                    passes=1):
     key = (_bounded(network), _bounded(sender), _bounded(recipient))
     with _transaction(conn):
         conn.execute(
-            f"INSERT INTO greylist ({_COLUMNS}) VALUES (?,?,?,?,?,0,1,?,?) "
+            f"INSERT INTO greylist ({_COLUMNS}) VALUES (?,?,?,?,?,0,?,?,?) "
             "ON CONFLICT (network, sender, recipient) DO UPDATE SET last_seen=excluded.last_seen, "
-            "passes=passes+1, whitelisted_until=excluded.whitelisted_until, "
+            "passes=passes+excluded.passes, whitelisted_until=excluded.whitelisted_until, "
             "expires=excluded.expires",
-            key + (now, now, until, until))
+            key + (now, now, int(passes), until, until))
         if max_entries is not None:
             _cap(conn, max_entries)
     return get_entry(conn, *key)
@@ -372,9 +374,9 @@ class SQLiteStateStore(service.Service):
     def greylist_put(self, entry):
         return self._query(lambda conn: put_entry(conn, entry, self._cap_due()))
 
-    def greylist_whitelist(self, network, sender, recipient, now, until):
+    def greylist_whitelist(self, network, sender, recipient, now, until, passes=1):
         return self._query(lambda conn: whitelist_entry(conn, network, sender, recipient,
-                                                        now, until, self._cap_due()))
+                                                        now, until, self._cap_due(), passes))
 
     def greylist_expire(self, now):
         return self._query(expire_entries, now, self.max_entries)

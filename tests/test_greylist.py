@@ -116,6 +116,54 @@ class TripletLifeTests(StoreMixin, unittest.TestCase):
         self.assertIsNone((yield self.rcpt(check, session())))
 
     @defer.inlineCallbacks
+    def test_known_sender_answered_from_memory_then_counted(self):
+        check = self.greylist()
+        yield self.rcpt(check, session())
+        self.advance(DELAY)
+        yield self.rcpt(check, session())
+        calls = []
+        get = self.store.greylist_get
+        self.store.greylist_get = lambda *a: calls.append(a) or get(*a)
+        for _ in range(5):
+            # Synchronous: no store, no thread.
+            self.assertIsNone(check.check("rcpt", session(), BOB))
+            self.advance(10)
+        self.assertEqual(calls, [])
+        self.assertEqual((yield self.entry()).passes, 1)
+        del calls[:]
+        # A minute after the store last said so, it is asked again and
+        # learns of the passes answered meanwhile.
+        self.advance(greylist.CONFIRM_EVERY)
+        self.assertIsNone((yield self.rcpt(check, session())))
+        self.assertEqual(len(calls), 1)
+        e = yield self.entry()
+        self.assertEqual((e.passes, e.whitelisted_until),
+                         (7, self.reactor.seconds() + AUTO))
+
+    @defer.inlineCallbacks
+    def test_deleted_triplet_greylisted_after_the_memory_expires(self):
+        check = self.greylist()
+        yield self.rcpt(check, session())
+        self.advance(DELAY)
+        yield self.rcpt(check, session())
+        yield self.store.greylist_delete(*triplet("192.0.2.1", ALICE, BOB))
+        self.assertIsNone((yield self.rcpt(check, session())))
+        self.advance(greylist.CONFIRM_EVERY)
+        self.assertEqual((yield self.rcpt(check, session())),
+                         "451 4.7.1 Greylisted, try again in 300 seconds")
+
+    @defer.inlineCallbacks
+    def test_memory_bounded(self):
+        check = self.greylist()
+        check.max_remembered = 2
+        for n in range(3):
+            yield self.rcpt(check, session(f"192.0.{n}.1"))
+        self.advance(DELAY)
+        for n in range(3):
+            self.assertIsNone((yield self.rcpt(check, session(f"192.0.{n}.1"))))
+        self.assertEqual(len(check._remembered), 2)
+
+    @defer.inlineCallbacks
     def test_whitelisting_ends(self):
         check = self.greylist()
         yield self.rcpt(check, session())

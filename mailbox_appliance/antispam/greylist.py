@@ -31,10 +31,19 @@ listeners than the MX, ``whitelist_networks`` clients, senders of
 The triplets live in the state store (``mailbox_appliance.state``), which
 expires and caps them. A block-list lookup that fails or times out means
 "not listed" (the short delay).
+
+A known sender sends many messages, and each would read and then rewrite
+its triplet in the store's thread. So a triplet found whitelisted is
+remembered for ``CONFIRM_EVERY`` seconds (at most ``MAX_REMEMBERED`` of
+them): its messages meanwhile pass from memory, and their passes are
+counted in the store at the next look there. An administrator's
+``greylist delete`` therefore takes up to that long to show, and at a stop
+the passes of the last such period are not counted.
 """
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 
 from twisted.internet import defer
@@ -51,6 +60,8 @@ log = Logger(namespace="mailbox_appliance.antispam")
 
 IPV4_PREFIX = 24
 IPV6_PREFIX = 64
+CONFIRM_EVERY = 60
+MAX_REMEMBERED = 10000
 
 
 def client_network(ip_text):
@@ -132,6 +143,10 @@ class Greylist:
         self.whitelist_rcpt_addresses = frozenset(path_text(r) for r in recipients
                                                   if not r.startswith("@"))
         self.whitelist_spf_pass = whitelist_spf_pass
+        # key -> [when the store said so, whitelisted until, passes not yet
+        # written], least recently used first (module docstring).
+        self._remembered = collections.OrderedDict()
+        self.max_remembered = MAX_REMEMBERED
 
     # -- the decision
 
@@ -166,7 +181,17 @@ class Greylist:
         if key is None:
             note(self.name, "skip")
             return None
-        d = self._decide(session, key)
+        now = self.reactor.seconds()
+        known = self._remembered.pop(key, None)
+        unwritten = 0
+        if known is not None:
+            confirmed, until, unwritten = known
+            if now - confirmed < CONFIRM_EVERY and until > now:
+                known[2] += 1
+                self._remembered[key] = known
+                note(self.name, "whitelisted")
+                return None
+        d = self._decide(session, key, unwritten)
         # Fail open: a broken or unreachable state store (disk full, a
         # corrupt file, a locked database) accepts the mail instead of
         # deferring it. A 451 would hold back all inbound mail, including
@@ -176,12 +201,21 @@ class Greylist:
         d.addErrback(self._failed, session, key)
         return d
 
+    def _remember(self, key, now, until):
+        if self.max_remembered <= 0:
+            return
+        while len(self._remembered) >= self.max_remembered:
+            self._remembered.popitem(last=False)
+        self._remembered[key] = [now, until, 0]
+
     @defer.inlineCallbacks
-    def _decide(self, session, key):
+    def _decide(self, session, key, unwritten=0):
         now = self.reactor.seconds()
         entry = yield self.store.greylist_get(*key)
         if entry is not None and entry.whitelisted(now):
-            yield self.store.greylist_whitelist(*key, now, now + self.auto_whitelist)
+            until = now + self.auto_whitelist
+            yield self.store.greylist_whitelist(*key, now, until, passes=1 + unwritten)
+            self._remember(key, now, until)
             note(self.name, "whitelisted")
             return None
         delay = yield self._delay_for(session.client_ip)
@@ -189,6 +223,7 @@ class Greylist:
             elapsed = now - entry.first_seen
             if delay <= elapsed <= delay + self.retry_window:
                 yield self.store.greylist_whitelist(*key, now, now + self.auto_whitelist)
+                self._remember(key, now, now + self.auto_whitelist)
                 note(self.name, "pass")
                 log.info("greylist: pass [{ip}] {net} <{sender}> -> <{rcpt}> after {s}s "
                          "({n} deferred)", ip=session.client_ip, net=key[0], sender=key[1],
