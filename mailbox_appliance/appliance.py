@@ -251,10 +251,12 @@ class Appliance(service.MultiService):
 
     def _control(self, config):
         """The admin command's socket: queue flush/hold/release/delete on the live queue."""
+        from mailbox_appliance.antispam.verdicts import COUNTERS
         from mailbox_appliance.queue.control import ControlServer
         path = _control_socket(config.server.data_dir)
         self._listen("control", f"unix:{path.replace(':', chr(92) + ':')}:mode=600",
-                     ControlServer(self.queue, reactor=self.reactor))
+                     ControlServer(self.queue, reactor=self.reactor,
+                                   stats=COUNTERS.snapshot))
 
     def startService(self):
         self.receive_worker.start()

@@ -613,6 +613,38 @@ def cmd_greylist(args) -> int:
         return _fail(args, f"state database {path}: {e}")
 
 
+def cmd_stats(args) -> int:
+    """What the running appliance's checks and filters have done since it started."""
+    from mailbox_appliance.queue.control import ControlError, ControlUnavailable, send_command
+    try:
+        cfg = config_module.load(_config_path(args))
+    except config_module.ConfigError as e:
+        print(f"mailappliance: configuration error: {e}", file=args.err)
+        return EXIT_CONFIG
+    try:
+        reply = send_command(QueueFolders(cfg.server.data_dir).socket, "stats")
+    except ControlUnavailable:
+        return _fail(args, "the appliance is not running (its counters live in the process)")
+    except ControlError as e:
+        return _fail(args, str(e))
+    if not reply.get("ok") or not isinstance(reply.get("counters"), dict):
+        return _fail(args, str(reply.get("error", "the appliance refused")))
+    counters = reply["counters"]
+    if args.json:
+        _dump(counters, args.out)
+        return EXIT_OK
+    rows = []
+    for key, n in sorted(counters.items()):
+        check, _, outcome = key.partition(":")
+        rows.append((_display(check), _display(outcome), str(n)))
+    if not rows:
+        print("nothing counted yet", file=args.out)
+    width = [max(len(r[i]) for r in rows) for i in range(2)] if rows else [0, 0]
+    for check, outcome, n in rows:
+        print(f"{check:<{width[0]}}  {outcome:<{width[1]}}  {n:>8}", file=args.out)
+    return EXIT_OK
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="mailappliance",
                                      description="Mail appliance admin command")
@@ -656,6 +688,11 @@ def build_parser():
         p.add_argument("ip", help="client address, or its network as listed")
         p.add_argument("sender", help="envelope sender (<> for the null sender)")
         p.add_argument("recipient", help="envelope recipient")
+
+    p = sub.add_parser("stats", parents=[json_flag],
+                       help="counts of what the running appliance's checks, content "
+                            "filters and rules did since it started")
+    p.set_defaults(func=cmd_stats)
 
     from mailbox_appliance.cli_content import add_commands
     add_commands(sub, json_flag)

@@ -13,6 +13,7 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from mailbox_appliance.antispam.verdicts import Counters
 from mailbox_appliance.queue.control import (MAX_LINE, ControlError, ControlServer,
                                              ControlUnavailable, IQueueControl, send_command)
 
@@ -121,6 +122,27 @@ class ControlServerTests(unittest.TestCase):
             self.assertEqual(reply, {"ok": True, "count": 1})
         self.assertEqual(self.manager.calls, [("hold", "0123ABCD"), ("release", "0123ABCD"),
                                               ("delete", "0123ABCD")])
+
+    @defer.inlineCallbacks
+    def test_stats(self):
+        reply = yield self.send("stats")
+        self.assertEqual(reply, {"ok": True, "counters": {}})
+        counters = Counters()
+        counters.count("greylist", "pass")
+        counters.count("hit", "BAYES_99")
+        counters.count("hit", "BAYES_99")
+        self.factory.stats = counters.snapshot
+        reply = yield self.send("stats")
+        self.assertEqual(reply, {"ok": True, "counters": {"greylist:pass": 1,
+                                                          "hit:BAYES_99": 2}})
+        # Nothing asked of the queue.
+        self.assertEqual(self.manager.calls, [])
+
+    def test_counters_bounded(self):
+        counters = Counters(max_keys=2)
+        for name in ("A", "B", "C", "A"):
+            counters.count("hit", name)
+        self.assertEqual(counters.snapshot(), {"hit:A": 2, "hit:B": 1})
 
     @defer.inlineCallbacks
     def test_deferred_results(self):

@@ -297,6 +297,12 @@ class ContentScan:
 
     async def _scan(self, msg, session, view):
         j = await self.evaluate(msg, session, view.qid)
+        # Counted per filter and per hit (rule, band, DKIM result...), for
+        # ``mailappliance stats``: which rules fire, which filters fail.
+        for name, _result, problem in j.results:
+            note(name, "failed" if problem else "ran")
+        for hit in j.hits:
+            note("hit", hit)
         if self.judge:
             log.info("{qid}: content score {score} ({tests}) in {ms:.1f} ms{why}",
                      qid=view.qid, score=j.score, tests=",".join(sorted(j.hits)) or "none",

@@ -1,7 +1,8 @@
 """What every door check does with a verdict: count it and log it with its reason.
 
 Counters are kept per check name and outcome ("reject", "tempfail", "accept",
-"skip", "dns-error", ...), in memory, for the log and the admin command.
+"skip", "dns-error", ...), in memory, for ``mailappliance stats`` (through
+the control socket).
 """
 
 from __future__ import annotations
@@ -16,13 +17,21 @@ log = Logger(namespace="mailbox_appliance.antispam")
 
 
 class Counters:
-    """Per-check, per-outcome counts (bounded: names and outcomes are fixed strings)."""
+    """Per-check, per-outcome counts.
 
-    def __init__(self):
+    The names are the checks', the filters' and the rules' own (fixed
+    strings and the names in the rule files); past ``max_keys`` distinct
+    pairs, new ones are not counted.
+    """
+
+    def __init__(self, max_keys=20000):
         self.counts = collections.Counter()
+        self.max_keys = max_keys
 
     def count(self, check, outcome):
-        self.counts[(check, outcome)] += 1
+        key = (check, outcome)
+        if key in self.counts or len(self.counts) < self.max_keys:
+            self.counts[key] += 1
 
     def snapshot(self):
         return {f"{c}:{o}": n for (c, o), n in sorted(self.counts.items())}

@@ -12,7 +12,9 @@ The protocol is one JSON object per line, in both directions::
     <- {"ok": false, "error": "no such message", "code": "not_found"}
 
 ``op`` is flush, hold, release or delete; ``target`` a queue id, for flush
-also a domain or null (everything). Requests are answered one at a time and
+also a domain or null (everything). ``stats`` (no target) answers the
+counters of the checks and filters since start-up,
+``{"ok": true, "counters": {"greylist:pass": 3, ...}}``. Requests are answered one at a time and
 in order; a line longer than ``MAX_LINE`` ends the connection.
 """
 
@@ -29,7 +31,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import Interface
 
-OPS = ("flush", "hold", "release", "delete")
+OPS = ("flush", "hold", "release", "delete", "stats")
 MAX_LINE = 4096
 MAX_TARGET = 255
 # The longest path a UNIX socket address takes, with room for the NUL.
@@ -85,7 +87,7 @@ def parse_request(line: bytes):
         if not isinstance(target, str) or not target or len(target) > MAX_TARGET \
                 or not target.isascii() or not target.isprintable() or " " in target:
             raise ValueError("bad target")
-    elif op != "flush":
+    elif op not in ("flush", "stats"):
         raise ValueError(op + " needs a queue id")
     return op, target
 
@@ -139,11 +141,16 @@ class ControlProtocol(LineReceiver, TimeoutMixin):
 
     def _call(self, op, target):
         manager = self.factory.manager
+        if op == "stats":
+            stats = self.factory.stats
+            return {"counters": stats() if stats is not None else {}}
         if op == "flush":
             return manager.flush(target)
         return getattr(manager, op)(target)
 
     def _done(self, count):
+        if isinstance(count, dict):
+            return _reply(True, **count)
         if isinstance(count, bool) or not isinstance(count, int):
             count = 0 if count is None else int(count)
         return _reply(True, count=count)
@@ -166,10 +173,12 @@ class ControlServer(Factory):
 
     protocol = ControlProtocol
 
-    def __init__(self, manager, reactor=None, timeout=300, max_connections=16):
+    def __init__(self, manager, reactor=None, timeout=300, max_connections=16, stats=None):
         if reactor is None:
             from twisted.internet import reactor
         self.manager = manager
+        # () -> {"check:outcome": count}: what ``stats`` answers.
+        self.stats = stats
         self.reactor = reactor
         self.timeout = timeout
         self.max_connections = max_connections

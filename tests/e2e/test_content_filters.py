@@ -10,6 +10,7 @@ next message's verdict.
 
 import glob
 import imaplib
+import json
 import os
 import re
 import signal
@@ -153,6 +154,22 @@ class RulesTests(ContentCase):
         self.assertTrue(status.startswith("Yes,"), status)
         self.assertIn("LOCAL_TAG_SUBJECT", status)
         self.assertEqual(folder_messages(self.app, "INBOX"), [])
+
+    @defer.inlineCallbacks
+    def test_stats_count_the_filters_and_the_rules(self):
+        yield self.send(self.app, message("Hello", "Buy zqxblockword today.", 7))
+        yield self.send(self.app, message("zqxtagword offer", "Details inside.", 8))
+        r = yield threads.deferToThread(run_cli, "--config", self.app.config_path,
+                                        "stats", "--json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        counters = json.loads(r.stdout)
+        self.assertEqual(counters["hit:LOCAL_BLOCKWORD"], 1)
+        self.assertEqual(counters["hit:LOCAL_TAG_SUBJECT"], 1)
+        self.assertEqual(counters["rules:ran"], 2)
+        self.assertEqual(counters["content:reject"], 1)
+        self.assertEqual(counters["content:spam"], 1)
+        r = yield threads.deferToThread(run_cli, "--config", self.app.config_path, "stats")
+        self.assertRegex(r.stdout, r"(?m)^hit\s+LOCAL_BLOCKWORD\s+1$")
 
     @defer.inlineCallbacks
     def test_ordinary_mail_in_the_inbox_with_its_status(self):
