@@ -133,6 +133,33 @@ class IStateStore(Interface):
         """How many entries are stored."""
 
 
+class IBayesStore(Interface):
+    """The Bayesian filter's token counts, global and per user.
+
+    The embedded implementation is ``antispam.bayes_store.BayesStore`` (its
+    own SQLite file beside this one: its big learning batches must not hold
+    up the greylist's writes); a shared database can implement this too.
+    Every method returns a Deferred.
+    """
+
+    def classify(message, user, min_spam, min_ham):
+        """The ``bayes.Classification`` of a ScannedMessage, with ``user``'s
+        tokens (an address, "" for none) added to the global ones; no
+        probability until ``min_spam`` spam and ``min_ham`` ham are learned."""
+
+    def learn(user, raw, spam):
+        """Learn the message bytes ``raw`` as spam (True) or ham for ``user``
+        ("" = global): fires with "learned", "relearned" (untrained from the
+        other class first) or "already"."""
+
+    def totals(user=""):
+        """(spam, ham) messages learned for ``user`` ("" = global)."""
+
+    def expire_now():
+        """Drop tokens past their age and the rarest past the cap; fires with
+        how many were deleted."""
+
+
 # -- the SQL, on a connection (any thread that owns it) ------------------------------------
 
 def connect(path):

@@ -674,3 +674,22 @@ class IMAPMoveHookTests(ApplianceMixin, unittest.TestCase):
         yield self.in_thread(back)
         self.assertEqual((yield learned.get()), "relearned")
         self.assertEqual((yield store.totals("alice@example.test")), (0, 1))
+
+
+class InterfaceTests(unittest.TestCase):
+
+    @defer.inlineCallbacks
+    def test_the_store_provides_the_state_interface(self):
+        from zope.interface.verify import verifyObject
+        from mailbox_appliance.state import IBayesStore
+        store = bayes_store.BayesStore(os.path.join(self.mktemp() + ".sqlite3"), reactor)
+        verifyObject(IBayesStore, store)
+        yield store.open()
+        self.addCleanup(store.close)
+        spam = read(fixture_files("spam")[0])
+        self.assertEqual((yield store.learn("bob@example.test", spam, True)), "learned")
+        self.assertEqual((yield store.learn("bob@example.test", spam, True)), "already")
+        self.assertEqual((yield store.totals("bob@example.test")), (1, 0))
+        c = yield store.classify(bayes_train.ScannedMessage.parse(spam), "bob@example.test",
+                                 1, 1)
+        self.assertIsNone(c.probability)       # no ham learned yet

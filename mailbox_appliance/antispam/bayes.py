@@ -438,7 +438,7 @@ def user_key(address) -> str:
 class BayesFilter:
     """The content filter "bayes" (module docstring).
 
-    ``store`` is the running ``bayes_store.BayesStore``. With ``per_user``,
+    ``store`` is the running token database (``state.IBayesStore``). With ``per_user``,
     a message for one recipient of a ``local_domains`` domain is judged
     with that recipient's learned tokens added to the global ones. Users
     learn under their primary address (their Maildir's, what IMAP knows);
@@ -471,9 +471,8 @@ class BayesFilter:
         d = defer.succeed(self.user_for(message))
         if self.directory is not None:
             d.addCallback(self._primary)
-        d.addCallback(lambda user: self.store.call(
-            classify_in_thread, message, user, self.min_spam, self.min_ham,
-            getattr(self.store, "cache", None)))
+        d.addCallback(lambda user: self.store.classify(message, user, self.min_spam,
+                                                       self.min_ham))
         return d.addCallback(self._result, message)
 
     def _primary(self, address):

@@ -36,6 +36,9 @@ from twisted.application import service
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from mailbox_appliance.state import IBayesStore
 
 log = Logger(namespace="mailbox_appliance.antispam.bayes_store")
 
@@ -313,6 +316,7 @@ def summary(conn):
 
 # -- the store of the running appliance ---------------------------------------------------
 
+@implementer(IBayesStore)
 class BayesStore(service.Service):
     """The token database of the running appliance, every query in one thread.
 
@@ -407,6 +411,15 @@ class BayesStore(service.Service):
 
     def totals(self, user=""):
         return self.call(user_totals, user)
+
+    def classify(self, message, user, min_spam, min_ham):
+        # Tokenised in the database thread too: one hop for the whole work.
+        from mailbox_appliance.antispam.bayes import classify_in_thread
+        return self.call(classify_in_thread, message, user, min_spam, min_ham, self.cache)
+
+    def learn(self, user, raw, spam):
+        from mailbox_appliance.antispam.bayes_train import learn_raw
+        return self.call(learn_raw, user, raw, spam)
 
     def expire_now(self):
         """One sweep; logged, never raised; a sweep still running is not doubled."""

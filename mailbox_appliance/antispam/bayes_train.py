@@ -242,7 +242,7 @@ class MoveLearner:
             return defer.succeed(None)
         user = bayes.user_key(f"{local}@{domain}") if self.per_user else ""
         self.pending += 1
-        d = self.store.call(learn_raw, user, bytes(data), spam)
+        d = self.store.learn(user, bytes(data), spam)
 
         def done(outcome):
             log.info("bayes: message moved from {source} to {dest} by {user} {outcome} "
