@@ -56,6 +56,15 @@ def _config_path(args):
     return args.config or os.environ.get("MAILAPPLIANCE_CONFIG") or "etc/mailappliance.toml"
 
 
+def load_config(args):
+    """The configuration the command names, or None once the error is printed."""
+    try:
+        return config_module.load(_config_path(args))
+    except config_module.ConfigError as e:
+        print(f"mailappliance: configuration error: {e}", file=args.err)
+        return None
+
+
 def _display(text) -> str:
     """Text safe to print on a terminal: no control characters (escape sequences)."""
     return "".join(c if c.isprintable() else "?" for c in str(text))
@@ -451,10 +460,8 @@ QUEUE_COMMANDS = {"list": cmd_queue_list, "show": cmd_queue_show, "flush": cmd_q
 
 
 def cmd_queue(args) -> int:
-    try:
-        cfg = config_module.load(_config_path(args))
-    except config_module.ConfigError as e:
-        print(f"mailappliance: configuration error: {e}", file=args.err)
+    cfg = load_config(args)
+    if cfg is None:
         return EXIT_CONFIG
     folders = QueueFolders(cfg.server.data_dir)
     action = args.action or "list"
@@ -598,10 +605,8 @@ GREYLIST_COMMANDS = {"list": cmd_greylist_list, "whitelist": cmd_greylist_change
 def cmd_greylist(args) -> int:
     import sqlite3
     from mailbox_appliance import state
-    try:
-        cfg = config_module.load(_config_path(args))
-    except config_module.ConfigError as e:
-        print(f"mailappliance: configuration error: {e}", file=args.err)
+    cfg = load_config(args)
+    if cfg is None:
         return EXIT_CONFIG
     path = os.path.join(cfg.server.data_dir, state.FILENAME)
     action = args.action or "list"
@@ -616,10 +621,8 @@ def cmd_greylist(args) -> int:
 def cmd_stats(args) -> int:
     """What the running appliance's checks and filters have done since it started."""
     from mailbox_appliance.queue.control import ControlError, ControlUnavailable, send_command
-    try:
-        cfg = config_module.load(_config_path(args))
-    except config_module.ConfigError as e:
-        print(f"mailappliance: configuration error: {e}", file=args.err)
+    cfg = load_config(args)
+    if cfg is None:
         return EXIT_CONFIG
     try:
         reply = send_command(QueueFolders(cfg.server.data_dir).socket, "stats")

@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import os
 
-from mailbox_appliance import config as config_module
-
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
@@ -63,12 +61,8 @@ def add_commands(sub, json_flag):
 
 
 def _load(args):
-    from mailbox_appliance.cli import _config_path
-    try:
-        return config_module.load(_config_path(args))
-    except config_module.ConfigError as e:
-        print(f"mailappliance: configuration error: {e}", file=args.err)
-        return None
+    from mailbox_appliance.cli import load_config
+    return load_config(args)
 
 
 def _run_on_reactor(work):

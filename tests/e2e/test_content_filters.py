@@ -19,30 +19,14 @@ import smtplib
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from tests.e2e.harness import ApplianceProcess, run_cli, wait_until
+from tests.e2e.harness import DOOR_CHECKS_OFF, ApplianceProcess, run_cli, wait_until
 from tests.imap_helpers import client_context
 
 BAYES_FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "bayes")
 
 # The door checks off as the harness has them; content filters on, without
 # the DNS-bound ones, so the score is the rules' and Bayes's alone.
-CONTENT_ON = """
-[antispam.connection]
-max_connections_per_ip = 100000
-max_connection_rate = 1000000
-max_message_rate = 1000000
-bad_rcpt_throttle = 100000
-bad_rcpt_limit = 100000
-[antispam.helo]
-reject_invalid = false
-reject_our_name = false
-[antispam.dns]
-check_sender_mx = false
-[antispam.spf]
-enabled = false
-[antispam.greylist]
-enabled = false
-[antispam.content]
+CONTENT_ON = DOOR_CHECKS_OFF + """[antispam.content]
 enabled = true
 tag_score = 5
 reject_score = 15

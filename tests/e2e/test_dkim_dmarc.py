@@ -30,7 +30,7 @@ from twisted.trial import unittest
 from mailbox_appliance.antispam import dkim_keys, dkim_sign
 from mailbox_appliance.store.names import folder_path
 from tests.dns_helpers import start_fake_dns
-from tests.e2e.harness import ApplianceProcess, run_cli, wait_until
+from tests.e2e.harness import DOOR_CHECKS_OFF, ApplianceProcess, run_cli, wait_until
 from tests.e2e.test_outbound import REMOTE_LDIF, common_port
 from tests.imap_helpers import client_context
 
@@ -51,23 +51,7 @@ ZONE = {
 def antispam(sign=False, content=True):
     """The door checks off (as the harness has them), the content filters on:
     DKIM and DMARC only, so the score is theirs."""
-    return f"""
-[antispam.connection]
-max_connections_per_ip = 100000
-max_connection_rate = 1000000
-max_message_rate = 1000000
-bad_rcpt_throttle = 100000
-bad_rcpt_limit = 100000
-[antispam.helo]
-reject_invalid = false
-reject_our_name = false
-[antispam.dns]
-check_sender_mx = false
-[antispam.spf]
-enabled = false
-[antispam.greylist]
-enabled = false
-[antispam.content]
+    return DOOR_CHECKS_OFF + f"""[antispam.content]
 enabled = {str(content).lower()}
 [antispam.rules]
 enabled = false

@@ -40,7 +40,7 @@ from mailbox_appliance.antispam.dkim_verify import verify_signatures
 from mailbox_appliance.antispam.message import ScannedMessage
 from mailbox_appliance.antispam.milter_filter import MilterFilter
 from mailbox_appliance.smtp.session import SessionState
-from tests.e2e.harness import ApplianceProcess, free_port, wait_until
+from tests.e2e.harness import DOOR_CHECKS_OFF, ApplianceProcess, free_port, wait_until
 
 OPENDKIM = shutil.which("opendkim") or "/usr/sbin/opendkim"
 GENKEY = shutil.which("opendkim-genkey") or "/usr/sbin/opendkim-genkey"
@@ -200,23 +200,7 @@ class InProcessTests(MilterCase):
         self.assertIsNone(result.verdict if result else None)
 
 
-CONTENT = """
-[antispam.connection]
-max_connections_per_ip = 100000
-max_connection_rate = 1000000
-max_message_rate = 1000000
-bad_rcpt_throttle = 100000
-bad_rcpt_limit = 100000
-[antispam.helo]
-reject_invalid = false
-reject_our_name = false
-[antispam.dns]
-check_sender_mx = false
-[antispam.spf]
-enabled = false
-[antispam.greylist]
-enabled = false
-[antispam.content]
+CONTENT = DOOR_CHECKS_OFF + """[antispam.content]
 enabled = true
 [antispam.rules]
 enabled = false
