@@ -37,10 +37,12 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Attribute, Interface, implementer
 
+from mailbox_appliance import state_lists
+
 log = Logger(namespace="mailbox_appliance.state")
 
 FILENAME = "state.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2          # 2: the list server's tables (state_lists)
 BUSY_TIMEOUT = 5.0          # seconds a writer waits for another one (the admin command)
 MAX_ENTRIES = 200000        # greylist rows kept at most (a few tens of MB)
 EXPIRE_EVERY = 600.0        # seconds between sweeps of expired entries
@@ -160,6 +162,92 @@ class IBayesStore(Interface):
         how many were deleted."""
 
 
+class IListStore(Interface):
+    """The list server's lists, members, owners, moderators and held requests.
+
+    The SQLite implementation is ``SQLiteStateStore`` (tables and semantics in
+    ``state_lists``); each method is the function of that name there without
+    its connection argument, run in one transaction, returning a Deferred.
+    """
+
+    def create_list(address, subject="", settings=None, now=0.0, robot="lists"):
+        """A new MailingList; fails with ListError when taken, reserved or malformed."""
+
+    def get_list(address):
+        """The MailingList, or None."""
+
+    def all_lists(domain=None):
+        """Every list (of one domain), by address."""
+
+    def update_list(address, subject=None, settings=None):
+        """Change the subject or the settings."""
+
+    def delete_list(address):
+        """Delete a list with everything about it; 1 if it existed."""
+
+    def next_post(address):
+        """The next post sequence number."""
+
+    def add_member(list_address, address, name="", mode="mail", now=0.0):
+        """True if subscribed, False if already a member."""
+
+    def remove_member(list_address, address):
+        """True if it was a member."""
+
+    def get_member(list_address, address):
+        """The Member, or None."""
+
+    def members(list_address, limit=None, after=""):
+        """Members in address order, a page at a time."""
+
+    def count_members(list_address):
+        """How many members."""
+
+    def set_member(list_address, address, name=None, mode=None, bounce_score=None,
+                   last_bounce=None, disabled_since=None):
+        """Change a member; True if it exists."""
+
+    def add_role(list_address, address, role, name=""):
+        """Make an owner or moderator; True if new."""
+
+    def remove_role(list_address, address, role):
+        """True if it held the role."""
+
+    def role_holders(list_address, role):
+        """[(address, name)] of the owners or moderators."""
+
+    def has_role(list_address, address, role):
+        """Whether ``address`` is an owner (moderator) of the list."""
+
+    def hold(list_address, kind, token_hash, expires, now=0.0, action="", target="",
+             requester="", name="", subject="", message=None):
+        """Keep a post or request until its token returns; the Held record."""
+
+    def find_held(token_hash, now):
+        """The waiting Held of a token hash, or None."""
+
+    def held_message(held_id):
+        """The held message's bytes, or None."""
+
+    def settle_held(held_id, by, now):
+        """True for the first to act on a held request, False after."""
+
+    def held_waiting(list_address, kind=None):
+        """The list's waiting requests, oldest first."""
+
+    def expire_held(now, keep_handled=7 * 86400):
+        """Delete what is past its time; the expired waiting requests."""
+
+
+LIST_OPERATIONS = tuple(IListStore.names())
+
+
+def in_transaction(conn, fn, *args, **kwargs):
+    """``fn(conn, *args, **kwargs)`` in one write transaction."""
+    with _transaction(conn):
+        return fn(conn, *args, **kwargs)
+
+
 # -- the SQL, on a connection (any thread that owns it) ------------------------------------
 
 def connect(path):
@@ -181,7 +269,9 @@ def connect(path):
             # Only a new (or older) file is written to: opening a current one
             # to read it (``greylist list``) takes no write lock.
             with _transaction(conn):
-                for statement in _SCHEMA.split(";"):
+                # Every statement is CREATE ... IF NOT EXISTS: an older file
+                # gets the tables it lacks and keeps its rows.
+                for statement in (_SCHEMA + ";" + state_lists.SCHEMA).split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -290,7 +380,17 @@ def count_entries(conn):
 
 # -- the store of the running appliance ---------------------------------------------------
 
-@implementer(IStateStore)
+def _list_operation(name):
+    fn = getattr(state_lists, name)
+
+    def operation(self, *args, **kwargs):
+        return self._query(in_transaction, fn, *args, **kwargs)
+    operation.__name__ = name
+    operation.__doc__ = fn.__doc__
+    return operation
+
+
+@implementer(IStateStore, IListStore)
 class SQLiteStateStore(service.Service):
     """``IStateStore`` on an SQLite file, every query in one thread of its own.
 
@@ -375,14 +475,14 @@ class SQLiteStateStore(service.Service):
     def _run(self, fn, *args):
         return threads.deferToThreadPool(self.reactor, self._pool, fn, *args)
 
-    def _query(self, fn, *args):
+    def _query(self, fn, *args, **kwargs):
         if self._opened is None:
             return defer.fail(RuntimeError("the state database is not open"))
 
         def in_thread():
             if self._conn is None:
                 raise RuntimeError(f"the state database {self.path} is not open")
-            return fn(self._conn, *args)
+            return fn(self._conn, *args, **kwargs)
         return self._run(in_thread)
 
     # -- IStateStore
@@ -451,3 +551,9 @@ class SQLiteStateStore(service.Service):
 def open_store(config, reactor):
     """The appliance's store on ``data_dir/state.sqlite3`` (a Service; not started)."""
     return SQLiteStateStore(os.path.join(config.server.data_dir, FILENAME), reactor)
+
+
+# IListStore: each state_lists function, in the store's thread, in one transaction.
+for _name in LIST_OPERATIONS:
+    setattr(SQLiteStateStore, _name, _list_operation(_name))
+del _name
