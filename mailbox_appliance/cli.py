@@ -699,6 +699,8 @@ def build_parser():
 
     from mailbox_appliance.cli_content import add_commands
     add_commands(sub, json_flag)
+    from mailbox_appliance.cli_lists import add_commands as add_list_commands
+    add_list_commands(sub, json_flag)
     return parser
 
 

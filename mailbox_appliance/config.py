@@ -328,6 +328,17 @@ class IMAPConfig:
 
 
 @dataclass(frozen=True)
+class ListsConfig:
+    """``[lists]``: the list server (its domains and its command robot)."""
+
+    domains: tuple = ()             # empty: the [server] domains
+    robot: str = "lists"            # the command address's local part at each list domain
+
+    def list_domains(self, server):
+        return tuple(d.lower() for d in (self.domains or server.domains))
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; ``path`` is the file it came from."""
 
@@ -342,6 +353,7 @@ class Config:
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
     imap: IMAPConfig = field(default_factory=IMAPConfig)
     antispam: AntispamConfig = field(default_factory=AntispamConfig)
+    lists: ListsConfig = field(default_factory=ListsConfig)
 
     @property
     def data_dir(self) -> str:
@@ -366,6 +378,7 @@ _SECTIONS = {
     "smtp": SMTPConfig,
     "imap": IMAPConfig,
     "antispam": AntispamConfig,
+    "lists": ListsConfig,
 }
 # Sections made of sub-tables only: [antispam.connection], [antispam.helo], ...
 _NESTED = {"antispam"}
@@ -510,6 +523,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"{p}: [server] domains: expected at least one domain name")
     if s.max_message_size <= 0:
         raise ConfigError(f"{p}: [server] max_message_size: expected a positive number of bytes")
+    for d in cfg.lists.domains:
+        if not re.match(r"^[A-Za-z0-9.-]+$", d) or "." not in d:
+            raise ConfigError(f"{p}: [lists] domains: expected domain names, got {d!r}")
+        if d.lower() not in {x.lower() for x in s.domains}:
+            raise ConfigError(f"{p}: [lists] domains: {d} is not one of [server] domains "
+                              f"(list mail must be ours to receive)")
+    if not re.match(r"^[a-z0-9][a-z0-9._-]{0,49}$", cfg.lists.robot):
+        raise ConfigError(f"{p}: [lists] robot: expected a lower-case local part like "
+                          f"\"lists\", got {cfg.lists.robot!r}")
     from twisted.internet import reactor
     for f in dataclasses.fields(ListenConfig):
         desc = getattr(cfg.listen, f.name)

@@ -241,6 +241,21 @@ class ErrorTests(_ConfigDir, unittest.TestCase):
         self.assertBad(LDIF + '[server]\nhostnme = "mx.example.test"\n',
                        "'hostnme'", "[server]", "expected one of", "hostname")
 
+    def test_list_domains_must_be_ours(self):
+        self.assertBad(LDIF + '[server]\ndomains = ["example.test"]\n'
+                       '[lists]\ndomains = ["other.test"]\n',
+                       "[lists] domains", "other.test is not one of [server] domains")
+        self.assertBad(LDIF + '[lists]\ndomains = ["bad domain"]\n', "[lists] domains")
+
+    def test_list_robot_name(self):
+        self.assertBad(LDIF + '[lists]\nrobot = "Lists Robot"\n', "[lists] robot",
+                       "expected a lower-case local part")
+        path = self.write(LDIF + '[server]\ndomains = ["example.test", "l.example.test"]\n'
+                          '[lists]\nrobot = "sympa"\ndomains = ["L.example.test"]\n')
+        cfg = config.load(path)
+        self.assertEqual(cfg.lists.robot, "sympa")
+        self.assertEqual(cfg.lists.list_domains(cfg.server), ("l.example.test",))
+
     def test_unknown_nested_table(self):
         self.assertBad(LDIF + '[server.extra]\nx = 1\n', "'extra'", "[server]")
 
