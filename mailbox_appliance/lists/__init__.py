@@ -1,0 +1,1 @@
+"""The list server: list addresses, the command robot, scenarios, tokens and distribution."""
