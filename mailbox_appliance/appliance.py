@@ -303,7 +303,15 @@ class Appliance(service.MultiService):
             self.receive_worker.stop()
             self.delivery_worker.stop()
             return result
-        return defer.maybeDeferred(super().stopService).addBoth(workers_down)
+        # What the checks keep in memory (the greylist's passes) is written
+        # while the state store is still open: it stops with the children.
+        flushes = [defer.maybeDeferred(c.flush_now)
+                   for c in getattr(getattr(self, "policy", None), "checks", ())
+                   if hasattr(c, "flush_now")]
+        d = defer.gatherResults(flushes, consumeErrors=True)
+        d.addErrback(lambda f: self.log.failure("writing the checks' state at stop", f))
+        d.addCallback(lambda _: super(Appliance, self).stopService())
+        return d.addBoth(workers_down)
 
     def _listen(self, name, description, factory, implicit_tls=False):
         endpoint = endpoints.serverFromString(self.reactor, description)

@@ -118,7 +118,8 @@ async def explain(cfg, reactor, raw, args):
     from mailbox_appliance.smtp.session import SessionState
 
     c = cfg.antispam.content
-    state = open_content_state(cfg, reactor)
+    # Read only: explaining a message must not change what the appliance learned.
+    state = open_content_state(cfg, reactor, read_only=True)
     services = list(state.values())
     for svc in services:
         await _maybe(svc.startService())

@@ -201,7 +201,9 @@ class CachingResolver(common.ResolverBase):
             if now < expires:
                 self._entries.move_to_end(key)
                 if isinstance(answer, DNSNameError):
-                    return defer.fail(answer)
+                    # A fresh exception per hit: a stored one would collect
+                    # the frames of every caller that re-raised it.
+                    return defer.fail(DNSNameError(*answer.args))
                 return defer.succeed(_aged(answer, int(now - stored)))
             del self._entries[key]
         method = getattr(self.resolver, common.typeToMethod.get(type, ""), None)

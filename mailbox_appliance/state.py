@@ -121,6 +121,10 @@ class IStateStore(Interface):
         Fires with the stored L{GreylistEntry}.
         """
 
+    def greylist_add_passes(network, sender, recipient, passes, now):
+        """Count ``passes`` more passes of a triplet still stored (seen at
+        ``now``); nothing when it is gone. Fires with 1 or 0."""
+
     def greylist_expire(now):
         """Delete entries whose ``expires`` is past, then enforce the cap; fires
         with the number deleted."""
@@ -338,6 +342,15 @@ def whitelist_entry(conn, network, sender, recipient, now, until, max_entries=No
     return get_entry(conn, *key)
 
 
+def add_passes(conn, network, sender, recipient, passes, now):
+    with _transaction(conn):
+        return conn.execute(
+            "UPDATE greylist SET passes = passes + ?, last_seen = max(last_seen, ?) "
+            "WHERE network=? AND sender=? AND recipient=?",
+            (int(passes), now, _bounded(network), _bounded(sender), _bounded(recipient))
+        ).rowcount
+
+
 def expire_entries(conn, now, max_entries=None):
     with _transaction(conn):
         deleted = conn.execute("DELETE FROM greylist WHERE expires < ?", (now,)).rowcount
@@ -504,6 +517,9 @@ class SQLiteStateStore(service.Service):
     def greylist_whitelist(self, network, sender, recipient, now, until, passes=1):
         return self._query(lambda conn: whitelist_entry(conn, network, sender, recipient,
                                                         now, until, self._cap_due(), passes))
+
+    def greylist_add_passes(self, network, sender, recipient, passes, now):
+        return self._query(add_passes, network, sender, recipient, passes, now)
 
     def greylist_expire(self, now):
         return self._query(expire_entries, now, self.max_entries)

@@ -416,6 +416,19 @@ class CacheTests(SPFTestBase):
         yield self.mail("user@void2.test")
         self.assertEqual(len(evaluations), 2)
 
+    def test_dns_answers_kept_no_longer_than_our_limits(self):
+        import time
+        from types import SimpleNamespace
+        from mailbox_appliance import dns as appliance_dns
+        cache = spf._BoundedCache(10)
+        far = time.time() + 86400
+        cache.put(("a", 1, 1), SimpleNamespace(rrset=object(), expiration=far))
+        cache.put(("b", 1, 1), SimpleNamespace(rrset=None, expiration=far))
+        self.assertLessEqual(cache.data[("a", 1, 1)].value.expiration,
+                             time.time() + appliance_dns.MAX_TTL)
+        self.assertLessEqual(cache.data[("b", 1, 1)].value.expiration,
+                             time.time() + spf.NEGATIVE_TTL)
+
     @defer.inlineCallbacks
     def test_cache_bounded(self):
         self.spf.max_outcomes = 2

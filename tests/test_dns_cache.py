@@ -146,6 +146,18 @@ class CachingResolverTests(unittest.TestCase):
         self.failureResultOf(self.cache.lookupAddress("gone.test"), error.DNSNameError)
         self.assertEqual(len(self.upstream.asked), 2)
 
+    def test_cached_nxdomain_a_fresh_failure_each_time(self):
+        # One stored exception would gather the frames of every re-raise.
+        self.upstream.set("gone.test", "A", nxdomain([soa("test", 60, 60)]))
+        first = self.failureResultOf(self.cache.lookupAddress("gone.test"),
+                                     error.DNSNameError).value
+        second = self.failureResultOf(self.cache.lookupAddress("gone.test"),
+                                      error.DNSNameError).value
+        third = self.failureResultOf(self.cache.lookupAddress("gone.test"),
+                                     error.DNSNameError).value
+        self.assertIsNot(second, third)
+        self.assertEqual(second.args, first.args)
+
     def test_nxdomain_without_soa_not_kept(self):
         self.upstream.set("gone.test", "A", nxdomain(), error.DNSNameError())
         for _ in range(3):

@@ -75,6 +75,10 @@ class StoreMixin:
     def entry(self, ip="192.0.2.1", sender=ALICE, recipient=BOB):
         return self.store.greylist_get(*triplet(ip, sender, recipient))
 
+    def settle_store(self):
+        # The store's thread answers in order: a read waits for earlier writes.
+        return self.store.greylist_count()
+
 
 class TripletLifeTests(StoreMixin, unittest.TestCase):
 
@@ -139,6 +143,44 @@ class TripletLifeTests(StoreMixin, unittest.TestCase):
         e = yield self.entry()
         self.assertEqual((e.passes, e.whitelisted_until),
                          (7, self.reactor.seconds() + AUTO))
+
+    @defer.inlineCallbacks
+    def pass_from_memory(self, check, n, ip="192.0.2.1"):
+        yield self.rcpt(check, session(ip))
+        self.advance(DELAY)
+        yield self.rcpt(check, session(ip))
+        for _ in range(n):
+            self.assertIsNone(check.check("rcpt", session(ip), BOB))
+
+    @defer.inlineCallbacks
+    def test_passes_written_when_the_sender_falls_silent(self):
+        check = self.greylist()
+        yield self.pass_from_memory(check, 4)
+        # Another sender's message after a quiet minute sweeps the memory.
+        self.advance(greylist.CONFIRM_EVERY)
+        yield self.rcpt(check, session("198.51.100.1"))
+        yield self.settle_store()
+        self.assertEqual((yield self.entry()).passes, 5)
+        self.assertEqual(len(check._remembered), 0)
+
+    @defer.inlineCallbacks
+    def test_passes_written_at_a_stop_and_on_eviction(self):
+        check = self.greylist()
+        check.max_remembered = 1
+        yield self.pass_from_memory(check, 2)
+        yield self.pass_from_memory(check, 1, ip="198.51.100.1")     # pushes the first out
+        yield self.settle_store()
+        self.assertEqual((yield self.entry()).passes, 3)
+        yield check.flush_now()
+        self.assertEqual((yield self.entry("198.51.100.1")).passes, 2)
+
+    @defer.inlineCallbacks
+    def test_deleted_triplet_not_brought_back_by_late_passes(self):
+        check = self.greylist()
+        yield self.pass_from_memory(check, 3)
+        yield self.store.greylist_delete(*triplet("192.0.2.1", ALICE, BOB))
+        yield check.flush_now()
+        self.assertIsNone((yield self.entry()))
 
     @defer.inlineCallbacks
     def test_deleted_triplet_greylisted_after_the_memory_expires(self):
@@ -393,6 +435,7 @@ class BrokenStore:
         return defer.fail(sqlite3.OperationalError("disk I/O error"))
 
     greylist_get = greylist_put = greylist_whitelist = greylist_expire = _fail
+    greylist_add_passes = _fail
     greylist_list = greylist_delete = greylist_count = _fail
 
 

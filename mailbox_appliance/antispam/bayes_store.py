@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
+import urllib.parse
 
 from twisted.application import service
 from twisted.internet import defer, task, threads
@@ -82,8 +83,25 @@ CREATE INDEX IF NOT EXISTS learned_time ON learned (time);
 
 # -- the SQL, on a connection (any thread that owns it) ------------------------------------
 
-def connect(path):
-    """Open (creating) the database at ``path``: WAL mode, schema in place."""
+def connect(path, read_only=False):
+    """Open (creating) the database at ``path``: WAL mode, schema in place.
+
+    ``read_only``: an existing file, opened so that nothing is written
+    (``spam explain`` beside the running appliance).
+    """
+    if read_only:
+        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT,
+                               isolation_level=None, check_same_thread=False)
+        try:
+            # Reading a WAL database makes its -wal and -shm files when the
+            # appliance is not running: they must stay the appliance's.
+            conn.execute("SELECT count(*) FROM users").fetchone()
+            _same_owner(path, ("-wal", "-shm"))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None,
                            check_same_thread=False)
     try:
@@ -105,6 +123,20 @@ def connect(path):
         conn.close()
         raise
     return conn
+
+
+def _same_owner(path, suffixes):
+    """Give ``path``'s owner the files beside it (root's run of a command)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return
+    owner = os.stat(path)
+    for suffix in suffixes:
+        try:
+            st = os.stat(path + suffix)
+            if (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
+                os.chown(path + suffix, owner.st_uid, owner.st_gid)
+        except OSError:
+            pass
 
 
 class transaction:
@@ -330,8 +362,10 @@ class BayesStore(service.Service):
     name = "bayes"
 
     def __init__(self, path, reactor, max_tokens=MAX_TOKENS, max_age=MAX_AGE,
-                 expire_every=EXPIRE_EVERY, now=time.time, clock=None):
+                 expire_every=EXPIRE_EVERY, now=time.time, clock=None, read_only=False):
         self.path = path
+        # Read only: an existing file, no sweep, nothing written (spam explain).
+        self.read_only = read_only
         # What paces the sweep (a test's Clock); results come back through
         # ``reactor`` either way.
         self.clock = clock or reactor
@@ -357,10 +391,14 @@ class BayesStore(service.Service):
             self._opened.addErrback(self._open_failed)
             self._sweep = task.LoopingCall(self._tick)
             self._sweep.clock = self.clock
-            self._sweep.start(self.expire_every, now=True)
+            if not self.read_only:
+                self._sweep.start(self.expire_every, now=True)
         return self._opened
 
     def _open_in_thread(self):
+        if self.read_only:
+            self._conn = connect(self.path, read_only=True)
+            return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
         self._conn = connect(self.path)
 

@@ -35,10 +35,12 @@ expires and caps them. A block-list lookup that fails or times out means
 A known sender sends many messages, and each would read and then rewrite
 its triplet in the store's thread. So a triplet found whitelisted is
 remembered for ``CONFIRM_EVERY`` seconds (at most ``MAX_REMEMBERED`` of
-them): its messages meanwhile pass from memory, and their passes are
-counted in the store at the next look there. An administrator's
-``greylist delete`` therefore takes up to that long to show, and at a stop
-the passes of the last such period are not counted.
+them): its messages meanwhile pass from memory. Their passes are written
+to the store at the next look there, when the triplet is pushed out of
+memory, by the sweep that the first check after each ``CONFIRM_EVERY``
+runs over the remembered triplets, and at a stop (``flush_now``). An
+administrator's ``greylist delete`` therefore takes up to that long to
+show.
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ class Greylist:
         # written], least recently used first (module docstring).
         self._remembered = collections.OrderedDict()
         self.max_remembered = MAX_REMEMBERED
+        self._next_sweep = 0.0      # the first check sets the pace
 
     # -- the decision
 
@@ -182,6 +185,8 @@ class Greylist:
             note(self.name, "skip")
             return None
         now = self.reactor.seconds()
+        if now >= self._next_sweep:
+            self._sweep_remembered(now)
         known = self._remembered.pop(key, None)
         unwritten = 0
         if known is not None:
@@ -205,8 +210,34 @@ class Greylist:
         if self.max_remembered <= 0:
             return
         while len(self._remembered) >= self.max_remembered:
-            self._remembered.popitem(last=False)
+            old, (_, _, unwritten) = self._remembered.popitem(last=False)
+            self._write_passes(old, now, unwritten)
         self._remembered[key] = [now, until, 0]
+
+    def _sweep_remembered(self, now):
+        """Forget the triplets the store has not been asked about for
+        CONFIRM_EVERY, writing the passes they answered."""
+        self._next_sweep = now + CONFIRM_EVERY
+        for key, (confirmed, _, unwritten) in list(self._remembered.items()):
+            if now - confirmed >= CONFIRM_EVERY:
+                del self._remembered[key]
+                self._write_passes(key, now, unwritten)
+
+    def _write_passes(self, key, now, passes):
+        if passes <= 0:
+            return defer.succeed(None)
+        # Counted only if still stored: an administrator's delete stands.
+        d = self.store.greylist_add_passes(*key, passes, now)
+        return d.addErrback(lambda f: log.warn("greylist: passes of {key} not written: {why}",
+                                               key=key, why=f.getErrorMessage()))
+
+    def flush_now(self):
+        """Write every remembered triplet's passes (at a stop); a Deferred."""
+        now = self.reactor.seconds()
+        pending = [self._write_passes(key, now, unwritten)
+                   for key, (_, _, unwritten) in self._remembered.items()]
+        self._remembered.clear()
+        return defer.gatherResults(pending, consumeErrors=True)
 
     @defer.inlineCallbacks
     def _decide(self, session, key, unwritten=0):

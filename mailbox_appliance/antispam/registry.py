@@ -16,6 +16,8 @@ fix-ups, so the signature covers the message as it leaves.
 
 from __future__ import annotations
 
+import os
+
 from mailbox_appliance.antispam import connection, dnsbl, greylist, helo, rdns, sender_mx, spf
 from mailbox_appliance.antispam.content import ContentScan
 from mailbox_appliance.config import parse_duration
@@ -53,13 +55,23 @@ def _content_modules():
     return [dkim_verify, dmarc, milter_filter, bayes, rules]
 
 
-def open_content_state(config, reactor):
+def open_content_state(config, reactor, read_only=False):
     """The services the content filters keep their state in, by the name the
     filters look them up under in the shared state (not started: the caller
-    starts them before the first message)."""
-    from mailbox_appliance.antispam.bayes import open_bayes
-    services = {"bayes": open_bayes(config, reactor)}
-    return {name: svc for name, svc in services.items() if svc is not None}
+    starts them before the first message).
+
+    ``read_only`` (``spam explain``): only databases that exist, opened so
+    that nothing is written or swept.
+    """
+    from mailbox_appliance.antispam import bayes_store
+    services = {}
+    if config.antispam.bayes.enabled:
+        path = bayes_store.path_of(config)
+        if not read_only:
+            services["bayes"] = bayes_store.open_bayes(config, reactor)
+        elif os.path.exists(path):
+            services["bayes"] = bayes_store.BayesStore(path, reactor, read_only=True)
+    return services
 
 
 def content_scan(config, reactor, resolver, state=None):

@@ -85,6 +85,18 @@ _DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+
 
 # --- pyspf's DNS, through dnspython to the configured servers -------------
 
+class _BoundedCache(dns.resolver.LRUCache):
+    """dnspython's LRU cache, answers kept no longer than the appliance's own
+    cache keeps them (``dns.MAX_TTL``, negative ones ``NEGATIVE_TTL``): a
+    zone's SOA can ask for hours, and a newly published record must count."""
+
+    def put(self, key, value):
+        rrset = getattr(value, "rrset", None)
+        longest = appliance_dns.MAX_TTL if rrset is not None else NEGATIVE_TTL
+        value.expiration = min(value.expiration, time.time() + longest)
+        super().put(key, value)
+
+
 class DNSLookups:
     """pyspf's ``DNSLookup(name, qtype, strict, timeout)`` asking only ``servers``.
 
@@ -97,7 +109,7 @@ class DNSLookups:
     def __init__(self, servers, cache_size=MAX_CACHED):
         self.servers = tuple(servers)
         # Thread-safe; shared by the threads of concurrent checks.
-        self.cache = dns.resolver.LRUCache(cache_size) if cache_size else None
+        self.cache = _BoundedCache(cache_size) if cache_size else None
 
     def resolver(self):
         # A fresh resolver per lookup: cheap, and no state but the cache

@@ -68,6 +68,31 @@ class SpamExplainTests(unittest.TestCase):
         self.assertFalse(doc["spam"])
 
     @defer.inlineCallbacks
+    def test_bayes_database_read_never_written(self):
+        bayes_db = os.path.join(self.app.data_dir, "bayes.sqlite3")
+        r = yield self.explain(FORGED.replace(b"strict.test", b"plain.test"))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertFalse(os.path.exists(bayes_db))          # nothing created
+        fixtures = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures",
+                                "bayes")
+        with open(self.app.config_path, "a") as f:
+            f.write("[antispam.bayes]\nmin_spam = 5\nmin_ham = 5\n")
+        for kind in ("spam", "ham"):
+            r = yield threads.deferToThread(run_cli, "--config", self.app.config_path, "bayes",
+                                            "train", f"--{kind}", os.path.join(fixtures, kind))
+            self.assertEqual(r.returncode, 0, r.stderr)
+        with open(bayes_db, "rb") as f:
+            before = f.read()
+        with open(os.path.join(fixtures, "spam", "01.eml"), "rb") as f:
+            spam = f.read()
+        r = yield self.explain(spam, "--json")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        bayes = [f for f in json.loads(r.stdout)["filters"] if f["filter"] == "bayes"]
+        self.assertEqual(list(bayes[0]["hits"]), ["BAYES_99"])
+        with open(bayes_db, "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    @defer.inlineCallbacks
     def test_unreadable_file_and_bad_config(self):
         r = yield threads.deferToThread(run_cli, "--config", self.app.config_path, "spam",
                                         "explain", os.path.join(self.app.workdir, "none.eml"))
