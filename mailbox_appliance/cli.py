@@ -74,6 +74,7 @@ def cmd_check_config(args) -> int:
     path = args.path or _config_path(args)
     try:
         cfg = config_module.load(path)
+        config_module.check_rule_files(cfg)
     except config_module.ConfigError as e:
         print(f"mailappliance: configuration error: {e}", file=args.err)
         return EXIT_CONFIG

@@ -733,11 +733,22 @@ def _validate_content(p, a):
 
 
 def _validate_rules(p, r):
-    from mailbox_appliance.antispam.rules import load_rules, parse_budget
+    from mailbox_appliance.antispam.rules import parse_budget
     try:
         parse_budget(r.time_budget)
     except ValueError as e:
         raise ConfigError(f"{p}: [antispam.rules] {e}")
+
+
+def check_rule_files(cfg: Config) -> None:
+    """Raise ConfigError for a rule file that cannot be read or has errors.
+
+    Run at start and by ``check-config``, not by every admin command: a
+    typo in a rule file (which a running appliance's reload tolerates) must
+    not stop ``queue flush`` in the middle of an incident.
+    """
+    from mailbox_appliance.antispam.rules import load_rules
+    p, r = cfg.path, cfg.antispam.rules
     for f in r.files:
         try:
             with open(f, "rb"):

@@ -71,6 +71,7 @@ def makeService(options):
     """Load the configuration and build the Appliance, or exit with one line."""
     try:
         cfg = config_module.load(options["config"])
+        config_module.check_rule_files(cfg)
     except config_module.ConfigError as e:
         _fail(f"configuration error: {e}")
     from mailbox_appliance.appliance import Appliance

@@ -19,7 +19,8 @@ import smtplib
 from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from tests.e2e.harness import DOOR_CHECKS_OFF, ApplianceProcess, run_cli, wait_until
+from tests.e2e.harness import (DOOR_CHECKS_OFF, ApplianceProcess, run_cli, run_twistd,
+                                wait_until)
 from tests.imap_helpers import client_context
 
 BAYES_FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "bayes")
@@ -197,6 +198,13 @@ class RuleFileErrorTests(unittest.TestCase):
         self.assertEqual(len(lines), 1, r.stderr)
         self.assertIn("[antispam.rules] files:", lines[0])
         self.assertIn("bad.rules:3", lines[0])
+        # The admin commands still work: a typo must not block a queue flush.
+        r = run_cli("--config", app.config_path, "queue", "list")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        # And the appliance refuses to start on it, with the same line.
+        r = run_twistd(app.config_path)
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("bad.rules:3", r.stderr + r.stdout)
 
     def test_time_budget_out_of_range(self):
         app = ApplianceProcess(os.path.abspath(self.mktemp()),
