@@ -127,7 +127,7 @@ def classify(local_part, domain, list_names, robot=DEFAULT_ROBOT) -> ListAddress
             name = head[:-len("-bounces")]
             if _TAG.match(tail) and _known(name, list_names):
                 return ListAddress(BOUNCES, dom, name, tag=tail.lower())
-        return None
+        # Otherwise the "+" may be part of a list name: try the fixed suffixes.
     for suffix, kind in _SUFFIXES:
         if lp.endswith(suffix):
             name = lp[:-len(suffix)]

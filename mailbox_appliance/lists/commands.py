@@ -381,13 +381,15 @@ def subject_command(msg):
     raw = raw_header(msg, "Subject", limit=4 * MAX_LINE_OCTETS)
     if raw is None:
         return None
-    text = strip_prefixes(decoded_header(raw))
+    decoded = decoded_header(raw)
+    text = strip_prefixes(decoded)
     # Words are split on white space only here: a control character inside the
     # first word still makes it "not a keyword", one after it an error below.
     first = text.split(None, 1)[0] if text.split(None, 1) else ""
     if keyword(first) is None:
         return None
     try:
+        check_line(decoded)     # before stripping, as for body lines
         return parse_line(text)
     except NotACommand:
         return None
@@ -521,6 +523,16 @@ def parse_body(text) -> ParseResult:
     for lineno, raw in enumerate(lines, 1):
         if _is_signature(raw):
             return _finish(result, commands)
+        try:
+            # Before any stripping: str.strip() would eat a trailing form feed.
+            check_line(raw)
+        except CommandError as e:
+            examined += 1
+            result.items.append(LineError.of(raw.strip(" \t"), str(e), lineno))
+            if examined >= MAX_LINES:
+                result.ignored_lines = _count_rest(lines)
+                break
+            continue
         line = raw.strip()
         if line.startswith(">"):
             line = line[1:].strip()    # one quote marker only
