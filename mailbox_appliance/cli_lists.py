@@ -76,10 +76,15 @@ def cmd_list(args) -> int:
     path = os.path.join(cfg.server.data_dir, state.FILENAME)
     action = args.action or "list"
     try:
-        if action in ("create", "delete", "show", "held", "add", "del"):
+        if action in ("create", "add"):
+            # Lists are made only where list mail is received; one whose
+            # domain has left [lists] domains can still be shown and deleted.
             _check_domain(cfg, args.list)
-        if action in ("list", "show", "held") and not os.path.exists(path):
-            conn = None             # nothing created just to read
+        if action in READS:
+            # Read only, outside a write transaction: never holding up the
+            # appliance's greylist writes; nothing created just to read.
+            conn = (state.open_read_only(path, "SELECT count(*) FROM lists")
+                    if os.path.exists(path) else None)
         else:
             conn = cli._open_for_writing(cfg, path)
         try:
@@ -112,13 +117,20 @@ def _shown(text):
 
 
 def _tx(conn, fn, *args, **kw):
+    """A change, in one write transaction."""
     from mailbox_appliance.state import in_transaction
     return in_transaction(conn, fn, *args, **kw)
 
 
+def _read(conn, fn, *args, **kw):
+    """A read: no transaction (each query sees a consistent snapshot), so a
+    read-only connection works and the appliance's writes never wait."""
+    return fn(conn, *args, **kw)
+
+
 def _existing(conn, address):
     from mailbox_appliance import state_lists as sl
-    ml = _tx(conn, sl.get_list, address) if conn is not None else None
+    ml = _read(conn, sl.get_list, address) if conn is not None else None
     if ml is None:
         raise _Refused(f"no such list: {_shown(address)}")
     return ml
@@ -197,15 +209,26 @@ def _document(conn, ml, members=True):
     from mailbox_appliance import state_lists as sl
     doc = {"list": ml.address, "subject": ml.subject, "settings": ml.settings,
            "created": ml.created, "posts": ml.post_sequence,
-           "owners": [a for a, _ in _tx(conn, sl.role_holders, ml.address, "owner")],
-           "moderators": [a for a, _ in _tx(conn, sl.role_holders, ml.address, "moderator")],
-           "member_count": _tx(conn, sl.count_members, ml.address),
-           "held": [_held_document(h) for h in _tx(conn, sl.held_waiting, ml.address)]}
+           "owners": [a for a, _ in _read(conn, sl.role_holders, ml.address, "owner")],
+           "moderators": [a for a, _ in _read(conn, sl.role_holders, ml.address, "moderator")],
+           "member_count": _read(conn, sl.count_members, ml.address),
+           "held": [_held_document(h) for h in _read(conn, sl.held_waiting, ml.address)]}
     if members:
         doc["members"] = [{"address": m.address, "name": m.name, "mode": m.mode,
-                           "bounce_score": m.bounce_score}
-                          for m in _tx(conn, sl.members, ml.address)]
+                           "bounce_score": m.bounce_score} for m in _all_members(conn, ml)]
     return doc
+
+
+def _all_members(conn, ml, page=1000):
+    """Every member, read a page at a time."""
+    from mailbox_appliance import state_lists as sl
+    after = ""
+    while True:
+        batch = _read(conn, sl.members, ml.address, limit=page, after=after)
+        yield from batch
+        if len(batch) < page:
+            return
+        after = batch[-1].address
 
 
 def _held_document(h):
@@ -250,7 +273,7 @@ def do_held(args, cfg, conn):
 
 def do_all(args, cfg, conn):
     from mailbox_appliance import state_lists as sl
-    lists = _tx(conn, sl.all_lists) if conn is not None else []
+    lists = _read(conn, sl.all_lists) if conn is not None else []
     docs = [_document(conn, ml, members=False) for ml in lists]
     if not docs:
         return docs, "no lists"
@@ -259,5 +282,6 @@ def do_all(args, cfg, conn):
     return docs, "\n".join(lines)
 
 
+READS = ("list", "show", "held")
 ACTIONS = {"list": do_all, "create": do_create, "delete": do_delete, "show": do_show,
            "add": do_add, "del": do_del, "held": do_held}

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import urllib.parse
 from dataclasses import dataclass
 
 from twisted.application import service
@@ -228,7 +229,7 @@ class IListStore(Interface):
         """Keep a post or request until its token returns; the Held record."""
 
     def find_held(token_hash, now):
-        """The waiting Held of a token hash, or None."""
+        """The unexpired Held of a token hash (handled ones too), or None."""
 
     def held_message(held_id):
         """The held message's bytes, or None."""
@@ -253,6 +254,31 @@ def in_transaction(conn, fn, *args, **kwargs):
 
 
 # -- the SQL, on a connection (any thread that owns it) ------------------------------------
+
+def open_read_only(path, probe):
+    """An existing SQLite file opened so that nothing is written; ``probe``
+    (a query) is run at once. Reading a WAL database makes its -wal and -shm
+    files when no writer has them open: run as root (an admin command),
+    they are given to the database file's owner, the appliance's user."""
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None,
+                           check_same_thread=False)
+    try:
+        conn.execute(probe).fetchall()
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            owner = os.stat(path)
+            for suffix in ("-wal", "-shm"):
+                try:
+                    st = os.stat(path + suffix)
+                    if (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
+                        os.chown(path + suffix, owner.st_uid, owner.st_gid)
+                except OSError:
+                    pass
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
 
 def connect(path):
     """Open (creating) the database at ``path``: WAL mode, schema in place."""

@@ -84,6 +84,11 @@ MAX_NAME = 100
 MAX_SUBJECT = 200
 MAX_SETTINGS = 16 * 1024
 MAX_MESSAGE = 50 * 1024 * 1024
+# Held message bytes per list and in all: held posts share the state file
+# (and its thread) with the greylist, so a flood of posts to a moderated
+# list must not fill the disk.
+MAX_HELD_BYTES = 256 * 1024 * 1024
+MAX_ALL_HELD_BYTES = 2 * 1024 * 1024 * 1024
 MAX_MEMBERS = 1_000_000
 MAX_HELD = 10_000
 MAX_LISTS = 10_000
@@ -396,6 +401,12 @@ def hold(conn, list_address, kind, token_hash, expires, now=0.0, action="", targ
     if conn.execute("SELECT count(*) FROM list_held WHERE list_id = ? AND handled_at = 0",
                     (ml.id,)).fetchone()[0] >= MAX_HELD:
         raise ListError(f"{ml.address} has {MAX_HELD} requests waiting, the most it may have")
+    if message is not None:
+        mine, everyone = conn.execute(
+            "SELECT coalesce(sum(CASE WHEN list_id = ? THEN length(message) END), 0), "
+            "coalesce(sum(length(message)), 0) FROM list_held", (ml.id,)).fetchone()
+        if mine + len(message) > MAX_HELD_BYTES or everyone + len(message) > MAX_ALL_HELD_BYTES:
+            raise ListError(f"{ml.address}: too many held messages' bytes waiting")
     cur = conn.execute(
         "INSERT INTO list_held (list_id, kind, token_hash, action, target, requester, name, "
         "subject, message, created, expires) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -412,7 +423,9 @@ def _held_by_id(conn, held_id):
 
 
 def find_held(conn, token_hash, now):
-    """The waiting (not handled, not expired) request of ``token_hash``, or None."""
+    """The unexpired request of ``token_hash``, or None. A handled one is
+    returned too (``handled_by`` set): its token's owner is told "already
+    handled by ..." rather than "unknown token"."""
     row = conn.execute(f"SELECT {_HELD} FROM list_held h JOIN lists l ON l.id = h.list_id "
                        "WHERE h.token_hash = ? AND h.expires > ?",
                        (bytes(token_hash), now)).fetchone()

@@ -100,6 +100,35 @@ class ListCLITests(unittest.TestCase):
         self.assertEqual(code, 1)
         self.assertIn("not an address", err)
 
+    def test_reads_leave_the_database_alone(self):
+        self.create()
+        with open(self.path, "rb") as f:
+            before = f.read()
+        # A writer holding the lock does not stop a read.
+        conn = state.connect(self.path)
+        self.addCleanup(conn.close)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for argv in (("show", LIST), ("held", LIST), ()):
+                code, _, err = self.run_cli(*argv)
+                self.assertEqual(code, 0, err)
+        finally:
+            conn.execute("ROLLBACK")
+        with open(self.path, "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    def test_list_outside_the_list_domains_still_shown_and_deleted(self):
+        self.create()
+        with open(self.config) as f:
+            text = f.read()
+        with open(self.config, "w") as f:
+            f.write(text.replace('[lists]\ndomains = ["lists.example.test"]',
+                                 '[lists]\ndomains = ["example.test"]'))
+        self.assertEqual(self.run_cli("show", LIST)[0], 0)
+        code, _, err = self.run_cli("add", LIST, "x@example.test")
+        self.assertIn("not a list domain", err)
+        self.assertEqual(self.run_cli("delete", LIST), (0, f"{LIST}: deleted\n", ""))
+
     def test_scenarios_kept_in_the_settings(self):
         if not cli_lists.scenario_exists("send", "private"):
             raise unittest.SkipTest("the standard scenario files are not installed")

@@ -210,6 +210,13 @@ class HeldTests(TablesCase):
         with self.assertRaises(sqlite3.IntegrityError):
             self.tx(sl.hold, LIST, "post", TOKEN, expires=1)
             self.tx(sl.hold, LIST, "post", TOKEN, expires=1)
+        self.patch(sl, "MAX_HELD_BYTES", 10)
+        with self.assertRaises(ListError):
+            self.tx(sl.hold, LIST, "post", bytes(range(3, 35)), expires=1, message=b"x" * 11)
+        self.patch(sl, "MAX_HELD_BYTES", 1000)
+        self.patch(sl, "MAX_ALL_HELD_BYTES", 10)
+        with self.assertRaises(ListError):
+            self.tx(sl.hold, LIST, "post", bytes(range(3, 35)), expires=1, message=b"x" * 11)
         self.patch(sl, "MAX_HELD", 1)
         with self.assertRaises(ListError):
             self.tx(sl.hold, LIST, "post", bytes(range(2, 34)), expires=1)

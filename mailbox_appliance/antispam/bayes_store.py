@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-import urllib.parse
 
 from twisted.application import service
 from twisted.internet import defer, task, threads
@@ -90,18 +89,8 @@ def connect(path, read_only=False):
     (``spam explain`` beside the running appliance).
     """
     if read_only:
-        uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
-        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT,
-                               isolation_level=None, check_same_thread=False)
-        try:
-            # Reading a WAL database makes its -wal and -shm files when the
-            # appliance is not running: they must stay the appliance's.
-            conn.execute("SELECT count(*) FROM users").fetchone()
-            _same_owner(path, ("-wal", "-shm"))
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        from mailbox_appliance.state import open_read_only
+        return open_read_only(path, "SELECT count(*) FROM users")
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None,
                            check_same_thread=False)
     try:
@@ -123,20 +112,6 @@ def connect(path, read_only=False):
         conn.close()
         raise
     return conn
-
-
-def _same_owner(path, suffixes):
-    """Give ``path``'s owner the files beside it (root's run of a command)."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return
-    owner = os.stat(path)
-    for suffix in suffixes:
-        try:
-            st = os.stat(path + suffix)
-            if (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
-                os.chown(path + suffix, owner.st_uid, owner.st_gid)
-        except OSError:
-            pass
 
 
 class transaction:
