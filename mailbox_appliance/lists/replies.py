@@ -355,5 +355,12 @@ def build_reply(results, robot_address, to, in_reply_to=None, references=None, d
     msg["X-Loop"] = robot_address
     # Asks Exchange-style responders not to answer the robot (one more loop closed).
     msg["X-Auto-Response-Suppress"] = "All"
-    msg.set_content(results.body(), charset="utf-8")
+    # The text is cut to a byte budget, but the transfer encoding (quoted-printable
+    # or base64 for non-ASCII) inflates it: shrink until the whole mail fits.
+    budget = MAX_REPLY - 4096
+    for _ in range(12):
+        msg.set_content(results.body(budget), charset="utf-8")
+        if len(msg.as_bytes()) <= MAX_REPLY:
+            break
+        budget = budget * 2 // 3
     return msg
