@@ -361,6 +361,31 @@ class OnlineActionTests(QueueCLIMixin, unittest.TestCase):
         self.assertEqual((self.files("active"), self.files("hold")), before)
 
     @defer.inlineCallbacks
+    def test_stats(self):
+        code, out, _ = yield self.run_cli_in_thread("stats")
+        self.assertEqual((code, out), (0, "nothing counted yet\n"))
+        from mailbox_appliance.antispam.verdicts import Counters
+        counters = Counters()
+        for check, outcome in (("greylist", "pass"), ("hit", "BAYES_99"), ("hit", "BAYES_99"),
+                               ("hit", "\x1b[31mX")):
+            counters.count(check, outcome)
+        self.port.factory.stats = counters.snapshot
+        code, out, _ = yield self.run_cli_in_thread("stats")
+        self.assertEqual(code, 0)
+        self.assertEqual(out.splitlines(), ["greylist  pass             1",
+                                            "hit       ?[31mX           1",
+                                            "hit       BAYES_99         2"])
+        code, out, _ = yield self.run_cli_in_thread("stats", "--json")
+        self.assertEqual(json.loads(out)["hit:BAYES_99"], 2)
+
+    @defer.inlineCallbacks
+    def test_stats_without_a_running_appliance(self):
+        yield self.port.stopListening()
+        code, _, err = yield self.run_cli_in_thread("stats")
+        self.assertEqual(code, 1)
+        self.assertIn("the appliance is not running", err)
+
+    @defer.inlineCallbacks
     def test_flush(self):
         self.manager.results["flush"] = 4
         code, out, _ = yield self.run_cli_in_thread("queue", "flush")

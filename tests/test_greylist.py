@@ -768,6 +768,23 @@ class RunningMXTests(ApplianceMixin, unittest.TestCase):
                          [("127.0.0.0/24", "alice@ext.test", "bob@example.test", 1)])
 
     @defer.inlineCallbacks
+    def test_passes_from_memory_written_at_stop(self):
+        for _ in range(2):
+            yield self.in_thread(self.deliver)
+        for _ in range(3):                   # answered from memory
+            mail, rcpt, data = yield self.in_thread(self.deliver)
+            self.assertEqual(data, 250)
+        yield self.app.stopService()
+        conn = state.connect(os.path.join(self.config.server.data_dir, state.FILENAME))
+        self.addCleanup(conn.close)
+        self.assertEqual([e.passes for e in state.list_entries(conn)], [4])
+
+    def test_one_dns_cache_for_everything(self):
+        from mailbox_appliance.dns import CachingResolver
+        self.assertIsInstance(self.app.resolver, CachingResolver)
+        self.assertIs(self.app.remote_delivery.dns_cache, self.app.resolver)
+
+    @defer.inlineCallbacks
     def test_state_file_in_data_dir(self):
         yield self.app.state.greylist_count()
         self.assertTrue(os.path.exists(os.path.join(self.config.server.data_dir,
