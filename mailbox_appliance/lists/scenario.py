@@ -636,8 +636,6 @@ def regex_problem(source):
         elif c in "*+?" or (c == "{" and _QUANT_BRACE.match(source, i)):
             if last is None or last == "quant":
                 return "misplaced quantifier in regular expression"
-            if isinstance(last, list) and (last[0] or last[1]):
-                return "nested repetition in regular expression (catastrophic backtracking)"
             if c == "{":
                 m = _QUANT_BRACE.match(source, i)
                 lo = int(m.group(1))
@@ -651,6 +649,9 @@ def regex_problem(source):
             else:
                 i += 1
                 repeating = c != "?"
+            # (x*)? is harmless; (x*)* and (a|a)* backtrack exponentially.
+            if repeating and isinstance(last, list) and (last[0] or last[1]):
+                return "nested repetition in regular expression (catastrophic backtracking)"
             if repeating:
                 repeats += 1
             else:
@@ -816,7 +817,7 @@ def _cap(value):
 
 def _header_text(value):
     """An unfolded, decoded (RFC 2047) header value, capped."""
-    text = str(value)
+    text = str(value)[:4 * MAX_VALUE]     # bound the decoding work as well
     try:
         text = str(make_header(decode_header(text)))
     except Exception:
