@@ -183,6 +183,57 @@ class GrammarTests(unittest.TestCase):
         self.assertRaises(CommandError, c.parse_line, "SUB team " + "é" * 500)
 
 
+class RequestAddressTests(unittest.TestCase):
+    """At LIST-request a command without its list name means LIST (section 0)."""
+
+    def p(self, line):
+        return c.parse_line(line, default_list="team")
+
+    def test_missing_list_names_mean_the_list(self):
+        for line, canonical in (
+                ("SUB", "SUBSCRIBE team"), ("SUB team Carol", "SUBSCRIBE team Carol"),
+                ("SUB other", "SUBSCRIBE other"), ("SIGNOFF", "SIGNOFF team"),
+                ("SIGNOFF zed@z.example", "SIGNOFF team zed@z.example"),
+                ("SIGNOFF *", "SIGNOFF *"), ("SET nomail", "SET team NOMAIL"),
+                ("SET * digest", "SET * DIGEST"), ("INFO", "INFO team"),
+                ("REVIEW", "REVIEW team"), ("REMIND", "REMIND team"),
+                ("MODINDEX", "MODINDEX team"), ("GET 2026-01", "GET team 2026-01"),
+                ("ADD d@d.example Dave", "ADD team d@d.example Dave"),
+                ("ADD other d@d.example", "ADD other d@d.example"),
+                ("DEL d@d.example", "DEL team d@d.example"),
+                (f"DISTRIBUTE {KEY}", f"DISTRIBUTE team {KEY}"),
+                (f"REJECT {KEY} no", f"REJECT team {KEY} no"),
+                (f"QUIET REJECT {KEY}", f"QUIET REJECT team {KEY}"),
+                (f"AUTH {TOKEN} ADD d@d.example", f"AUTH {TOKEN} ADD team d@d.example"),
+                ("LISTS", "LISTS"), (f"CONFIRM {TOKEN}", f"CONFIRM {TOKEN}")):
+            self.assertEqual(self.p(line).canonical(), canonical, line)
+
+    def test_message_at_the_request_address(self):
+        res = c.parse_message(mail("SUB\nSET digest\n"), default_list="team")
+        self.assertEqual([x.canonical() for x in res.commands],
+                         ["SUBSCRIBE team", "SET team DIGEST"])
+        res = c.parse_message(mail("", subject="Re: unsubscribe"), default_list="team")
+        self.assertEqual([x.canonical() for x in res.commands], ["SIGNOFF team"])
+        self.assertRaises(ValueError, c.parse_message, mail("SUB"), default_list="../x")
+        self.assertRaises(CommandError, c.parse_line, "SUB")
+
+
+class ReportTests(unittest.TestCase):
+
+    def test_parse_outcomes_in_the_reply(self):
+        from mailbox_appliance.lists import replies
+        res = c.report_parse(c.parse_body("SUB ../x\nSUB team\nhello\nmore\nmore\n"),
+                             replies.Results())
+        self.assertEqual([(o.section, o.line) for o in res.outcomes],
+                         [("Errors", "SUB ../x"), ("Errors", "hello")])
+        self.assertEqual(res.ignored_lines, 2)
+        res = c.report_parse(c.parse_body("hello\nworld\n"), replies.Results())
+        body = res.body()
+        self.assertIn("No command found", body)
+        self.assertIn("  SUBSCRIBE list [your name]\n", body)
+        self.assertIn("1 line ignored.", body)
+
+
 class BodyTests(unittest.TestCase):
 
     def test_commands_until_the_signature(self):

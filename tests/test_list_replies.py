@@ -46,6 +46,7 @@ class DropTests(unittest.TestCase):
     def test_an_ordinary_command_mail_is_answered(self):
         self.assertIsNone(self.reason(mail()))
         self.assertIsNone(self.reason(mail([("Auto-Submitted", "no")])))
+        self.assertIsNone(self.reason(mail([("Auto-Submitted", "No (a comment)")])))
         self.assertIsNone(self.reason(mail([("Precedence", "bulk"), ("X-Ack", "yes")])))
         self.assertIsNone(self.reason(mail([("X-Loop", "other@lists.example.net")])))
 
@@ -60,7 +61,9 @@ class DropTests(unittest.TestCase):
         for value in ("auto-replied", "auto-generated", "Auto-Replied; owner-email=x@y.z",
                       "auto-notified"):
             self.assertEqual(self.reason(mail([("Auto-Submitted", value)])), "auto-submitted")
-        for value in ("bulk", "junk", "List"):
+        for name in ("X-Autoreply", "X-Autorespond"):
+            self.assertEqual(self.reason(mail([(name, "yes")])), "auto-submitted")
+        for value in ("bulk", "junk", "List", "auto_reply"):
             self.assertEqual(self.reason(mail([("Precedence", value)])),
                              f"precedence {value.lower()}")
         self.assertEqual(self.reason(mail([("X-Loop", ROBOT.upper())])), "X-Loop is ours")
@@ -99,6 +102,11 @@ class DropTests(unittest.TestCase):
     def test_sender_of_ignores_reply_to(self):
         # Section 6 case 24: the reply goes to From, never Reply-To.
         msg = mail([("Reply-To", "attacker@x.example")], sender="Victim <Victim@V.example>")
+        self.assertEqual(r.sender_of(msg), "victim@v.example")
+
+    def test_sender_of_is_not_fooled_by_an_encoded_display_name(self):
+        raw = (b"From: =?utf-8?q?attacker=40x=2Eexample=2C?= <victim@v.example>\r\n\r\nx\r\n")
+        msg = email.message_from_bytes(raw, policy=email.policy.default)
         self.assertEqual(r.sender_of(msg), "victim@v.example")
 
 

@@ -20,11 +20,11 @@ execution is not part of this package yet.
 
 from __future__ import annotations
 
-import html
 import re
 from dataclasses import dataclass, field, replace
 from html.parser import HTMLParser
 
+from mailbox_appliance.lists import replies
 from mailbox_appliance.lists.addresses import LIST_NAME, address_ok
 from mailbox_appliance.lists.replies import decoded_header, raw_header
 
@@ -270,10 +270,34 @@ def _arity(verb, args, least, most):
         raise CommandError(f"usage: {SYNTAX[verb]}")
 
 
-def parse_line(text, _nested=False) -> Command:
+def _fill_list(verb, args, default):
+    """At ``LIST-request``: the arguments with LIST put in where the list name is missing.
+
+    Missing means the arguments only make sense without it (``SUB``, ``SET
+    NOMAIL``, ``ADD a@b.example``); ``SUB other`` still names another list.
+    """
+    if not default:
+        return args
+    missing = {
+        "SUBSCRIBE": not args,
+        "SIGNOFF": not args or (len(args) == 1 and "@" in args[0]),
+        "SET": len(args) == 1,
+        "GET": len(args) == 1,
+        "ADD": bool(args) and "@" in args[0],
+        "INVITE": bool(args) and "@" in args[0],
+        "DEL": len(args) == 1,
+        "DISTRIBUTE": len(args) == 1,
+        "REJECT": bool(args) and _TOKEN.match(args[0]) is not None,
+    }.get(verb, not args and verb in ("INFO", "REVIEW", "REMIND", "MODINDEX", "INDEX", "LAST"))
+    return [default] + args if missing else args
+
+
+def parse_line(text, default_list=None, _nested=False) -> Command:
     """The command of one line; CommandError if the keyword is known but the rest is bad.
 
     A line whose first word is no keyword raises ``NotACommand``.
+    ``default_list``: the list of a ``LIST-request`` address, meant where a
+    command leaves out its list name.
     """
     check_line(text)
     words = text.split()
@@ -282,12 +306,12 @@ def parse_line(text, _nested=False) -> Command:
     verb = keyword(words[0])
     if verb is None:
         raise NotACommand(text)
-    args = words[1:]
+    args = _fill_list(verb, words[1:], default_list)
     line = text.strip()
     if verb == "QUIET":
         if _nested or not args or keyword(args[0]) in (None, "QUIET"):
             raise CommandError(f"usage: {SYNTAX['QUIET']}")
-        inner = parse_line(" ".join(args), _nested=True)
+        inner = parse_line(" ".join(args), default_list, _nested=True)
         if inner.verb in QUIET_TAKES:
             return _with(inner, line=line, quiet=True)
         return _with(inner, line=line,
@@ -297,7 +321,7 @@ def parse_line(text, _nested=False) -> Command:
         token = _token_arg(args[0])
         if _nested or keyword(args[1]) not in AUTH_TAKES:
             raise CommandError("AUTH carries SUBSCRIBE, SIGNOFF, ADD, DEL, INVITE or SET")
-        inner = parse_line(" ".join(args[1:]), _nested=True)
+        inner = parse_line(" ".join(args[1:]), default_list, _nested=True)
         return Command("AUTH", line, token=token, inner=inner, list_name=inner.list_name)
     if verb in ("LISTS", "WHICH"):
         _arity(verb, args, 0, 0)
@@ -376,7 +400,7 @@ def strip_prefixes(subject) -> str:
     return text.strip()
 
 
-def subject_command(msg):
+def subject_command(msg, default_list=None):
     """The Subject's command: None when the subject is not one, else Command or LineError."""
     raw = raw_header(msg, "Subject", limit=4 * MAX_LINE_OCTETS)
     if raw is None:
@@ -390,7 +414,7 @@ def subject_command(msg):
         return None
     try:
         check_line(decoded)     # before stripping, as for body lines
-        return parse_line(text)
+        return parse_line(text, default_list)
     except NotACommand:
         return None
     except CommandError as e:
@@ -434,7 +458,8 @@ def html_to_text(markup) -> str:
         parser.close()
     except Exception:   # broken markup: take what was read
         pass
-    return html.unescape("".join(parser.out)).replace("\xa0", " ")
+    # convert_charrefs already turned &amp; and friends into characters.
+    return "".join(parser.out).replace("\xa0", " ")
 
 
 def _part_text(part):
@@ -514,7 +539,7 @@ def _count_rest(lines):
     return count
 
 
-def parse_body(text) -> ParseResult:
+def parse_body(text, default_list=None) -> ParseResult:
     """The commands of a body text (section 1.1 steps 4 to 6)."""
     result = ParseResult()
     lines = _lines(text)
@@ -549,7 +574,7 @@ def parse_body(text) -> ParseResult:
         if is_stop_word(line.split(None, 1)[0]):
             return _finish(result, commands)
         try:
-            cmd = parse_line(line)
+            cmd = parse_line(line, default_list)
         except NotACommand:
             if result.items:
                 result.not_understood = line
@@ -577,17 +602,42 @@ def _finish(result, commands):
     return result
 
 
-def parse_message(msg) -> ParseResult:
+def parse_message(msg, default_list=None) -> ParseResult:
     """The commands of a mail to the robot or to ``LIST-request`` (section 1.1 steps 2 to 6).
 
     ``msg`` is an ``email.message.Message`` (any policy). The caller has already
-    asked ``replies.drop_reason``.
+    asked ``replies.drop_reason``. ``default_list``: LIST for mail to
+    ``LIST-request`` (a command without a list name means LIST), else None.
     """
-    subject = subject_command(msg)
+    if default_list is not None and not LIST_NAME.match(default_list):
+        raise ValueError("not a list name")
+    subject = subject_command(msg, default_list)
     if subject is not None:
         return ParseResult(items=[subject], from_subject=True)
     text, others = body_text(msg)
-    result = parse_body(text)
+    result = parse_body(text, default_list)
     if others:
         result.notes.insert(0, "only the first text part was read; other parts were ignored")
     return result
+
+
+def report_parse(parsed, results):
+    """Put what parsing found into a ``replies.Results``: syntax errors, the line not
+    understood, "no command found" with a short help, ignored lines and notes.
+
+    The commands themselves are the caller's to execute and report; so are
+    their ``warnings`` (e.g. QUIET ignored), which go with their outcome.
+    """
+    for item in parsed.items:
+        if isinstance(item, LineError):
+            results.add(replies.ERRORS, item.line, item.reason)
+    if parsed.not_understood is not None:
+        results.add(replies.ERRORS, parsed.not_understood,
+                    "not understood: reading stopped here")
+    if parsed.no_command:
+        results.note("No command found. Commands are one per line, for example:\n"
+                     + "\n".join("  " + s for s in SHORT_HELP))
+    for note in parsed.notes:
+        results.note(note)
+    results.ignored_lines += parsed.ignored_lines
+    return results

@@ -192,7 +192,9 @@ def sender_of(msg) -> str | None:
     values = raw_headers(msg, "From", most=2)
     if len(values) != 1:
         return None
-    pairs = email.utils.getaddresses([decoded_header(values[0])])
+    # Parsed undecoded: an address is never RFC 2047-encoded, and decoding first
+    # would let an encoded display name smuggle in a second address.
+    pairs = email.utils.getaddresses([values[0]])
     addrs = [a for _, a in pairs if a]
     if len(addrs) != 1 or not address_ok(addrs[0]):
         return None
@@ -222,10 +224,16 @@ def drop_reason(msg, envelope_sender, robot_address, own_address=None, spam=Fals
     if ctype == "multipart/report":
         return "delivery or disposition report"
     auto = raw_header(msg, "Auto-Submitted")
-    if auto is not None and auto.split(";")[0].strip().lower() != "no":
-        return "auto-submitted"
+    if auto is not None:
+        m = re.match(r"\s*([A-Za-z0-9-]*)", auto)     # the keyword, before ; or a comment
+        if m.group(1).lower() != "no":
+            return "auto-submitted"
+    # Vacation programs that predate RFC 3834 mark their answers so.
+    for legacy in ("X-Autoreply", "X-Autorespond", "X-Autoresponder"):
+        if raw_header(msg, legacy) is not None:
+            return "auto-submitted"
     for precedence in raw_headers(msg, "Precedence"):
-        if precedence.strip().lower() in ("bulk", "junk", "list"):
+        if precedence.strip().lower() in ("bulk", "junk", "list", "auto_reply"):
             ack = raw_header(msg, "X-Ack") or ""
             if ack.strip().lower() != "yes":
                 return f"precedence {precedence.strip().lower()}"
@@ -314,11 +322,12 @@ class Results:
                 size += cost
                 block.extend(entry)
             parts.append("\n".join(block))
-        tail = [quote_line(n, 400) for n in self.notes]
+        tail = [quote_line(line, 400) for n in self.notes for line in n.split("\n")[:20]]
         if dropped:
             tail.append(f"{dropped} more results were not shown.")
         if self.ignored_lines:
-            tail.append(f"{self.ignored_lines} lines ignored.")
+            n = self.ignored_lines
+            tail.append(f"{n} line{'' if n == 1 else 's'} ignored.")
         if tail:
             parts.append("\n".join(tail))
         return "\n".join(parts).rstrip("\n") + "\n"
