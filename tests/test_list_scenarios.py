@@ -401,7 +401,6 @@ class EvaluationTests(Base):
         # A file that never names dkim lets dkim through wherever smtp goes...
         self.assertEqual(self.action("true() smtp -> do_it", team(method="dkim")), "do_it")
         # ...but a file that names dkim anywhere means exactly what it says.
-        text = "false_friend() -> do_it"
         text = "true() smtp -> do_it\nequal(a,b) dkim -> reject\n"
         self.assertEqual(self.decide(text, team(method="dkim")).default, True)
 
@@ -433,8 +432,10 @@ class EvaluationTests(Base):
             ("send", "true() -> reject", ("reject", frozenset(), None, None, None)),
             ("send", "true() -> reject(reason='members_only'),quiet",
              ("reject", {"quiet"}, "members_only", None, None)),
-            ("send", "true() -> reject(tt2='x.tt2')", ("reject", frozenset(), None, "x.tt2", None)),
-            ("send", "true() -> request_auth", ("request_auth", frozenset(), None, None, "sender")),
+            ("send", "true() -> reject(tt2='x.tt2')",
+             ("reject", frozenset(), None, "x.tt2", None)),
+            ("send", "true() -> request_auth",
+             ("request_auth", frozenset(), None, None, "sender")),
             ("subscribe", "true() -> request_auth([email])",
              ("request_auth", frozenset(), None, None, "email")),
             ("subscribe", "true() -> owner", ("owner", frozenset(), None, None, None)),
@@ -629,6 +630,17 @@ class LibraryTests(Base):
                 ("send", "", "send.:0: no such scenario")):
             d = self.decide(self.lib.get(operation, name), team())
             self.assertEqual((d.action, d.error), ("reject", text))
+
+    def test_check_folder(self):
+        self.write(self.list_dir, "send.good", "include(private)\n")
+        self.write(self.list_dir, "send.bad", "true() -> owner\n")
+        self.write(self.list_dir, "info.bad", "include(nosuch)\n")
+        self.write(self.list_dir, "notes.txt", "not a scenario\n")
+        self.assertEqual(self.lib.check(self.list_dir, [self.list_dir]), [
+            "info.bad:1: included scenario info.nosuch not found",
+            "send.bad:1: action 'owner' is not allowed for send"])
+        self.assertEqual(self.lib.check(sc.SHIPPED_DIR), [])
+        self.assertEqual(self.told, [])
 
     def test_library_evaluate(self):
         d = self.successResultOf(self.lib.evaluate(team(method="dkim")))

@@ -151,7 +151,9 @@ class IScenarioContext(Interface):
     def variable(namespace, key):
         """The value of ``[namespace->key]`` for namespace ``list``, ``subscriber``
         (the sender's membership), ``user``, ``custom_vars`` or ``env``: a string,
-        a number, a list of strings, or None when unknown."""
+        a number, a list of strings, or None when unknown. ``("list", "status")``
+        is asked before every send and visibility decision: anything but None or
+        ``"open"`` rejects them (lists.md 2.5)."""
 
     def is_subscriber(list_address, address):
         """Whether address is a member of the list ``name@domain``."""
@@ -1209,14 +1211,46 @@ class ScenarioLibrary:
     def _failed(self, name, error):
         text = str(error)
         log.error("scenario {name} fails closed: {error}", name=name, error=text)
-        if text not in self._told and self.notify_listmaster is not None:
-            if len(self._told) < 1000:
-                self._told.add(text)
-            try:
-                self.notify_listmaster(text)
-            except Exception:
-                log.failure("telling the listmaster about {name}", name=name)
+        # Once per distinct error; past the bound the log alone carries them.
+        if text not in self._told and len(self._told) < 1000:
+            self._told.add(text)
+            if self.notify_listmaster is not None:
+                try:
+                    self.notify_listmaster(text)
+                except Exception:
+                    log.failure("telling the listmaster about {name}", name=name)
         return Scenario.failed(name, text)
+
+    def check(self, folder, list_dirs=()):
+        """Compile every ``OPERATION.NAME`` file in ``folder`` (includes looked up as
+        for a list whose folders are ``list_dirs``, then the site's and the shipped
+        ones) and return the errors as ``name:line: problem`` texts, sorted; for an
+        admin command checking files before a list uses them. Nobody is notified."""
+        dirs = self._dirs(list_dirs)
+        errors = []
+        try:
+            files = sorted(os.listdir(folder))
+        except OSError as e:
+            return [f"{folder}: {e.strerror}"]
+
+        def read(file_name):
+            path, _ = self._find(dirs, file_name)
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read(MAX_FILE_BYTES + 1)
+
+        for file_name in files:
+            operation, _, name = file_name.partition(".")
+            if operation not in OPERATIONS or not _NAME.match(name):
+                continue        # include.OPERATION.header and other files: checked through use
+            with open(os.path.join(folder, file_name), "rb") as f:
+                text = f.read(MAX_FILE_BYTES + 1)
+            try:
+                compile_scenario(text, file_name, read)
+            except ScenarioError as e:
+                errors.append(str(e))
+        return errors
 
     def evaluate(self, context, name=None, list_dirs=(), confirmed=False, blocklist=False):
         """``get(context.operation, name, list_dirs).evaluate(...)``: a Deferred Decision."""
