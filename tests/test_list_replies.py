@@ -288,6 +288,22 @@ class TokenTests(unittest.TestCase):
         self.assertEqual(used.check(tok, 3001.0), t.HANDLED)
         self.assertEqual(used.handled_by, "olga@example.net")
 
+    def test_check_any_stored_row(self):
+        import types
+        tok = t.new_token()
+        row = types.SimpleNamespace(token_hash=t.hash_token(tok), expires=100.0, attempts=0,
+                                    handled_by="", action="SUBSCRIBE team")
+        self.assertEqual(t.check_token(row, tok, 50.0, action="SUBSCRIBE  team"), t.OK)
+        self.assertEqual(t.check_token(row, tok, 100.0), t.UNKNOWN)
+        row.handled_by = "mo@example.net"
+        self.assertEqual(t.check_token(row, tok, 50.0), t.HANDLED)
+        self.assertFalse(t.matches(tok, None))
+
+    def test_names_are_printable(self):
+        _, rec = t.issue(t.REQUEST, "team@lists.example.org", 0.0, name="Carol\r\nBcc: x",
+                         subject="s" * 500)
+        self.assertEqual((rec.name, len(rec.subject)), ("CarolBcc: x", 200))
+
     def test_attempts_void_a_token(self):
         tok, rec = t.issue(t.APPROVAL, "team@lists.example.org", 0.0)
         for _ in range(t.MAX_ATTEMPTS):

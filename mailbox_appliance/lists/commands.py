@@ -555,8 +555,7 @@ def parse_body(text, default_list=None) -> ParseResult:
             examined += 1
             result.items.append(LineError.of(raw.strip(" \t"), str(e), lineno))
             if examined >= MAX_LINES:
-                result.ignored_lines = _count_rest(lines)
-                break
+                return _at_limit(result, lines)
             continue
         line = raw.strip()
         if line.startswith(">"):
@@ -565,8 +564,7 @@ def parse_body(text, default_list=None) -> ParseResult:
             if line:
                 examined += 1
             if examined >= MAX_LINES:
-                result.ignored_lines = _count_rest(lines)
-                break
+                return _at_limit(result, lines)
             continue
         if line == "--":
             return _finish(result, commands)
@@ -588,11 +586,7 @@ def parse_body(text, default_list=None) -> ParseResult:
             result.items.append(cmd)
             commands += 1
         if commands >= MAX_COMMANDS or examined >= MAX_LINES:
-            result.ignored_lines = _count_rest(lines)
-            if result.ignored_lines:
-                result.notes.append(f"at most {MAX_COMMANDS} commands and {MAX_LINES} lines "
-                                    "are read from one mail")
-            break
+            return _at_limit(result, lines)
     return _finish(result, commands)
 
 
@@ -600,6 +594,14 @@ def _finish(result, commands):
     if not result.items and result.not_understood is None:
         result.no_command = True
     return result
+
+
+def _at_limit(result, lines):
+    result.ignored_lines = _count_rest(lines)
+    if result.ignored_lines:
+        result.notes.append(f"At most {MAX_COMMANDS} commands and {MAX_LINES} lines are read "
+                            "from one mail.")
+    return _finish(result, 0)
 
 
 def parse_message(msg, default_list=None) -> ParseResult:
@@ -617,7 +619,7 @@ def parse_message(msg, default_list=None) -> ParseResult:
     text, others = body_text(msg)
     result = parse_body(text, default_list)
     if others:
-        result.notes.insert(0, "only the first text part was read; other parts were ignored")
+        result.notes.insert(0, "Only the first text part was read; other parts were ignored.")
     return result
 
 

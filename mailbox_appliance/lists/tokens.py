@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from mailbox_appliance.lists.replies import WindowLimit
 
@@ -86,12 +86,45 @@ def hash_token(token) -> bytes:
     return hashlib.sha256(b"list-token\0" + t.encode("ascii")).digest()
 
 
+def matches(token, token_hash) -> bool:
+    """Whether ``token`` is the one whose hash is ``token_hash``, compared in constant time."""
+    t = normalize(token)
+    if t is None or not isinstance(token_hash, (bytes, bytearray)):
+        return False
+    return hmac.compare_digest(hash_token(t), bytes(token_hash))
+
+
+def check_token(record, token, now, action=None) -> str:
+    """OK, UNKNOWN, HANDLED or MISMATCH for ``token`` presented at ``now`` against ``record``.
+
+    ``record`` is anything with ``token_hash``, ``expires``, ``attempts``,
+    ``handled_by`` and ``action`` (a ``TokenRecord``, or a row object of the
+    list tables). ``action``: for AUTH, the canonical text of the command
+    given with the token (``Command.inner.canonical()``); it must equal the
+    stored one. A used token says HANDLED (answer "already handled by X") for
+    as long as its record is kept; expired, wrong or voided says UNKNOWN
+    ("unknown or expired token").
+    """
+    if not matches(token, record.token_hash):
+        return UNKNOWN
+    if record.handled_by:
+        return HANDLED
+    if now >= record.expires or record.attempts >= MAX_ATTEMPTS:
+        return UNKNOWN
+    if action is not None and not hmac.compare_digest(
+            _norm_action(action).encode("utf-8"), _norm_action(record.action).encode("utf-8")):
+        return MISMATCH
+    return OK
+
+
 @dataclass(frozen=True)
 class TokenRecord:
     """One held request's token as stored: what it may do and for how long.
 
-    ``action`` is the canonical command text (``Command.canonical()``) that
-    an ``AUTH token command`` must repeat.
+    The fields are those of a held row in the list tables (kind, list, token
+    hash, action, target, requester, name, subject, created, expires,
+    attempts, handled by/at). ``action`` is the canonical command text
+    (``Command.canonical()``) that an ``AUTH token command`` must repeat.
     """
 
     kind: str
@@ -102,35 +135,19 @@ class TokenRecord:
     action: str = ""
     target: str = ""
     requester: str = ""
+    name: str = ""
+    subject: str = ""
     attempts: int = 0
     handled_by: str = ""
     handled_at: float = 0.0
-    extra: dict = field(default_factory=dict, compare=False)
 
     def matches(self, token) -> bool:
         """Whether ``token`` is this record's, compared in constant time."""
-        t = normalize(token)
-        if t is None:
-            return False
-        return hmac.compare_digest(hash_token(t), self.token_hash)
+        return matches(token, self.token_hash)
 
     def check(self, token, now, action=None) -> str:
-        """OK, UNKNOWN, HANDLED or MISMATCH for ``token`` presented at ``now``.
-
-        ``action``: for AUTH, the canonical text of the command given with the
-        token; it must equal the stored one. A used token says HANDLED (the
-        caller answers "already handled by X") for as long as its record is kept.
-        """
-        if not self.matches(token):
-            return UNKNOWN
-        if self.handled_by:
-            return HANDLED
-        if now >= self.expires or self.attempts >= MAX_ATTEMPTS:
-            return UNKNOWN
-        if action is not None and not hmac.compare_digest(
-                _norm_action(action).encode("utf-8"), _norm_action(self.action).encode("utf-8")):
-            return MISMATCH
-        return OK
+        """``check_token`` on this record."""
+        return check_token(self, token, now, action)
 
     def failed(self) -> "TokenRecord":
         """The record after one more wrong attempt (an AUTH with another command)."""
@@ -141,19 +158,29 @@ class TokenRecord:
         return replace(self, handled_by=str(by)[:254], handled_at=float(now))
 
 
+def _printable(text, limit):
+    return "".join(ch for ch in str(text) if ch.isprintable())[:limit]
+
+
 def _norm_action(text):
     return " ".join(str(text).split())[:MAX_ACTION]
 
 
-def issue(kind, list_address, now, lifetimes=None, action="", target="", requester=""):
-    """A new token and its record: ``(token, TokenRecord)``; only the record is kept."""
+def issue(kind, list_address, now, lifetimes=None, action="", target="", requester="",
+          name="", subject=""):
+    """A new token and its record: ``(token, TokenRecord)``; only the record is kept.
+
+    The token itself goes into the mail (``CONFIRM token``, ``LIST-confirm+token@``)
+    and is forgotten.
+    """
     lifetimes = lifetimes or Lifetimes()
     token = new_token()
     record = TokenRecord(kind=kind, list_address=str(list_address).lower(),
                          token_hash=hash_token(token), created=float(now),
                          expires=float(now) + lifetimes.of(kind),
                          action=_norm_action(action), target=str(target).lower(),
-                         requester=str(requester).lower())
+                         requester=str(requester).lower(), name=_printable(name, 100),
+                         subject=_printable(subject, 200))
     return token, record
 
 
