@@ -322,6 +322,8 @@ _CONDITIONS = {
     "is_editor": 2, "is_listmaster": 1, "less_than": 2, "older": 2, "newer": 2,
     "search": 2, "verify_netmask": 1,
 }
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_VARIABLE = re.compile(r"\[([a-z_]+)(?:->([^\]\s]{1,80}))?\](?:\[(-?\d{1,3})\])?")
 _BARE_STOP = set(",()[]'\"") | set(" \t")
 
 
@@ -351,7 +353,7 @@ class _Line:
         self.i += len(text)
 
     def word(self, what):
-        m = re.compile(r"[A-Za-z_][A-Za-z0-9_]*").match(self.s, self.i)
+        m = _WORD.match(self.s, self.i)
         if not m:
             self.fail(f"expected {what}, found {self.s[self.i:self.i + 12] or 'end of line'!r}")
         self.i = m.end()
@@ -474,8 +476,7 @@ class _Line:
         return Regex(source)
 
     def variable(self):
-        m = re.compile(r"\[([a-z_]+)(?:->([^\]\s]{1,80}))?\](?:\[(-?\d{1,3})\])?").match(
-            self.s, self.i)
+        m = _VARIABLE.match(self.s, self.i)
         if not m:
             self.fail(f"bad variable {self.s[self.i:self.i + 20]!r}")
         name, key, index = m.group(1), m.group(2), m.group(3)
