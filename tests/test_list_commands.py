@@ -419,3 +419,28 @@ class MessageTests(unittest.TestCase):
                b"SUB team Zo\xc3\xab\r\n")
         res = c.parse_message(mail(raw=raw))
         self.assertEqual([(x.verb, x.name) for x in res.items], [("SUBSCRIBE", "Zoë")])
+
+
+class MisaddressedTests(unittest.TestCase):
+    """Commands sent to the posting address (section 4.2; section 6 case 29)."""
+
+    def test_subject_unsubscribe(self):
+        self.assertEqual(c.misaddressed(mail("please", subject="unsubscribe"), "team"),
+                         "unsubscribe")
+        self.assertEqual(c.misaddressed(mail("x", subject="Re: SIGNOFF team"), "team"),
+                         "unsubscribe")
+        self.assertEqual(c.misaddressed(mail("x", subject="subscribe"), "team"), "subscribe")
+        self.assertEqual(c.misaddressed(mail("x", subject="set team nomail"), "team"), "set")
+
+    def test_short_body(self):
+        self.assertEqual(c.misaddressed(mail("\n  unsubscribe\n\nthanks\n-- \nCarol\nA\nB\nC\n",
+                                             subject="hi"), "team"), "unsubscribe")
+        self.assertIsNone(c.misaddressed(mail("unsubscribe\n" + "text\n" * 5, subject="hi"),
+                                         "team"))
+
+    def test_ordinary_posts(self):
+        for subject, body in (("Unsubscribe me from the other list?", "x"),
+                              ("subscribe other", "x"), ("set team MAIL now", "x"),
+                              ("Meeting", "Let us talk about unsubscribe rates\n"),
+                              ("Meeting", "")):
+            self.assertIsNone(c.misaddressed(mail(body, subject=subject), "team"), subject)

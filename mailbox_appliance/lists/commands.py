@@ -643,3 +643,48 @@ def report_parse(parsed, results):
         results.note(note)
     results.ignored_lines += parsed.ignored_lines
     return results
+
+
+# -- commands sent to the posting address (section 4.2) ----------------------------------
+
+_MISADDRESSED = re.compile(
+    r"^(?:(subscribe|unsubscribe|signoff)(?:\s+(\S+))?|set\s+(\S+)\s+(?:mail|nomail|digest))$",
+    re.IGNORECASE)
+
+
+def misaddressed(msg, list_name) -> str | None:
+    """What a post to LIST@ really asks for: "subscribe", "unsubscribe", "set" or None.
+
+    A command is a Subject (reply prefixes stripped) that is only ``subscribe``,
+    ``unsubscribe`` or ``signoff`` (optionally with this list's name) or ``set
+    LIST mail|nomail|digest``, or such a first non-blank line in a body of at
+    most 5 non-blank lines. The post is then not distributed and the author is
+    pointed to ``LIST-subscribe@``, ``LIST-unsubscribe@`` or (for "set")
+    ``LIST-request@``.
+    """
+    def kind(text):
+        m = _MISADDRESSED.match(" ".join(text.split()))
+        if not m:
+            return None
+        named = m.group(2) or m.group(3)
+        if named is not None and named.lower() != list_name.lower():
+            return None
+        if m.group(3) is not None:
+            return "set"
+        return "subscribe" if m.group(1).lower() == "subscribe" else "unsubscribe"
+
+    subject = raw_header(msg, "Subject", limit=4 * MAX_LINE_OCTETS)
+    if subject is not None:
+        found = kind(strip_prefixes(decoded_header(subject)))
+        if found:
+            return found
+    text, _ = body_text(msg)
+    lines = []
+    for line in _lines(text[:64 * 1024]):
+        if _is_signature(line):
+            break
+        if line.strip():
+            lines.append(line.strip())
+            if len(lines) > 5:
+                return None
+    return kind(lines[0]) if lines else None
