@@ -49,6 +49,18 @@ class InstalledTests(unittest.TestCase):
                                "import mailbox_appliance, os; print(mailbox_appliance.__file__)")
         self.assertIn("site-packages", r.stdout)
 
+    def test_data_files_installed(self):
+        # The built-in rules and the standard list scenarios come with the package.
+        r = self.run_installed(sys.executable, "-c",
+                               "from mailbox_appliance.antispam import rules; "
+                               "print(len(rules.load_rules()))")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertGreater(int(r.stdout), 50)
+        r = self.run_installed(os.path.join(BIN, "mailappliance"), "--config", self.config,
+                               "list", "create", "team@example.test", "--owner",
+                               "o@example.test", "--scenario", "send=private")
+        self.assertEqual(r.returncode, 0, r.stderr)
+
     def test_twistd_plugin(self):
         r = self.run_installed(os.path.join(BIN, "twistd"), "--help")
         self.assertIn("mailappliance", r.stdout)
