@@ -17,8 +17,10 @@ in use treats it so, and a list must not mail someone twice).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
+
+# The naming and address rules are the list addresses' (lists.md section 0).
+from mailbox_appliance.lists.addresses import MAX_ADDRESS, address_ok, list_name_ok
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS lists (
@@ -38,6 +40,7 @@ CREATE TABLE IF NOT EXISTS list_members (
     bounce_score REAL NOT NULL DEFAULT 0,
     last_bounce REAL NOT NULL DEFAULT 0,
     disabled_since REAL NOT NULL DEFAULT 0,
+    concealed INTEGER NOT NULL DEFAULT 0,
     id INTEGER PRIMARY KEY,
     UNIQUE (list_id, address)
 );
@@ -69,17 +72,11 @@ CREATE INDEX IF NOT EXISTS list_held_expires ON list_held (expires);
 CREATE INDEX IF NOT EXISTS list_held_list ON list_held (list_id, created)
 """
 
-# What a list may be called: lists.md section 0.
-LIST_NAME = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,49}$")
-RESERVED_SUFFIXES = ("-request", "-owner", "-editor", "-subscribe", "-unsubscribe",
-                     "-confirm", "-bounces")
-RESERVED_NAMES = frozenset({"listmaster", "postmaster", "abuse", "mailer-daemon", "root",
-                            "hostmaster", "webmaster", "noreply", "no-reply"})
 ROLES = ("owner", "moderator")
-MODES = ("mail", "nomail", "digest", "summary", "notice")
+# Reception modes (SET LIST mode, lists.md 1.2); CONCEAL/NOCONCEAL set ``concealed``.
+MODES = ("mail", "nomail", "digest", "digestplain", "summary", "notice", "not_me")
 HELD_KINDS = ("post", "moderation", "request", "approval")
 
-MAX_ADDRESS = 254
 MAX_NAME = 100
 MAX_SUBJECT = 200
 MAX_SETTINGS = 16 * 1024
@@ -93,8 +90,6 @@ MAX_MEMBERS = 1_000_000
 MAX_HELD = 10_000
 MAX_LISTS = 10_000
 
-_ADDRESS = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-                      r"@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
 
 
 class ListError(ValueError):
@@ -133,6 +128,7 @@ class Member:
     bounce_score: float = 0.0
     last_bounce: float = 0.0
     disabled_since: float = 0.0
+    concealed: bool = False     # left out of REVIEW for everyone but owners
 
 
 @dataclass(frozen=True)
@@ -153,19 +149,6 @@ class Held:
     attempts: int = 0
     handled_by: str = ""
     handled_at: float = 0.0
-
-
-def address_ok(address) -> bool:
-    """A dot-atom ``local@domain`` of at most 254 octets, with a dot in the domain."""
-    return (isinstance(address, str) and len(address) <= MAX_ADDRESS and address.isascii()
-            and _ADDRESS.match(address) is not None)
-
-
-def list_name_ok(name, robot="lists") -> bool:
-    """A list name of lists.md section 0: the syntax, no reserved name or suffix."""
-    return (isinstance(name, str) and LIST_NAME.match(name) is not None
-            and name not in RESERVED_NAMES and name != robot.lower()
-            and not name.endswith(RESERVED_SUFFIXES))
 
 
 def _address(address):
@@ -267,7 +250,8 @@ def _existing(conn, address):
 
 # -- members -------------------------------------------------------------------------------
 
-_MEMBER = ("id, address, name, mode, joined, bounce_score, last_bounce, disabled_since")
+_MEMBER = ("id, address, name, mode, joined, bounce_score, last_bounce, disabled_since, "
+           "concealed")
 
 
 def add_member(conn, list_address, address, name="", mode="mail", now=0.0):
@@ -324,7 +308,7 @@ def count_members(conn, list_address):
 
 
 def set_member(conn, list_address, address, name=None, mode=None, bounce_score=None,
-               last_bounce=None, disabled_since=None):
+               last_bounce=None, disabled_since=None, concealed=None):
     """Change what is given of a member; True if the member exists."""
     ml = _existing(conn, list_address)
     changes = []
@@ -338,6 +322,8 @@ def set_member(conn, list_address, address, name=None, mode=None, bounce_score=N
                           ("disabled_since", disabled_since)):
         if value is not None:
             changes.append((column, float(value)))
+    if concealed is not None:
+        changes.append(("concealed", 1 if concealed else 0))
     if not changes or not address_ok(address):
         return get_member(conn, list_address, address) is not None
     sets = ", ".join(f"{c} = ?" for c, _ in changes)

@@ -134,10 +134,15 @@ class MemberTests(TablesCase):
     def test_set_member(self):
         self.tx(sl.add_member, LIST, "ann@example.test")
         self.assertTrue(self.tx(sl.set_member, LIST, "ann@example.test", mode="nomail",
-                                bounce_score=2.5, last_bounce=7, disabled_since=9))
+                                bounce_score=2.5, last_bounce=7, disabled_since=9,
+                                concealed=True))
         m = self.tx(sl.get_member, LIST, "ann@example.test")
-        self.assertEqual((m.mode, m.bounce_score, m.last_bounce, m.disabled_since),
-                         ("nomail", 2.5, 7, 9))
+        self.assertEqual((m.mode, m.bounce_score, m.last_bounce, m.disabled_since, m.concealed),
+                         ("nomail", 2.5, 7, 9, 1))
+        # Every reception mode the SET command knows can be stored.
+        from mailbox_appliance.lists.commands import MODES
+        for mode in set(MODES.values()) - {"conceal", "noconceal"}:
+            self.assertTrue(self.tx(sl.set_member, LIST, "ann@example.test", mode=mode))
         with self.assertRaises(ListError):
             self.tx(sl.set_member, LIST, "ann@example.test", mode="everything")
         self.assertFalse(self.tx(sl.set_member, LIST, "bob@example.test", mode="mail"))
