@@ -209,7 +209,8 @@ class IListStore(Interface):
         """How many members."""
 
     def set_member(list_address, address, name=None, mode=None, bounce_score=None,
-                   last_bounce=None, disabled_since=None, concealed=None):
+                   last_bounce=None, disabled_since=None, concealed=None,
+                   bounce_notices=None):
         """Change a member; True if it exists."""
 
     def add_role(list_address, address, role, name=""):

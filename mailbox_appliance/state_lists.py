@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS list_members (
     last_bounce REAL NOT NULL DEFAULT 0,
     disabled_since REAL NOT NULL DEFAULT 0,
     concealed INTEGER NOT NULL DEFAULT 0,
+    bounce_notices INTEGER NOT NULL DEFAULT 0,
     id INTEGER PRIMARY KEY,
     UNIQUE (list_id, address)
 );
@@ -129,6 +130,7 @@ class Member:
     last_bounce: float = 0.0
     disabled_since: float = 0.0
     concealed: bool = False     # left out of REVIEW for everyone but owners
+    bounce_notices: int = 0     # notices sent since delivery was disabled
 
 
 @dataclass(frozen=True)
@@ -251,7 +253,7 @@ def _existing(conn, address):
 # -- members -------------------------------------------------------------------------------
 
 _MEMBER = ("id, address, name, mode, joined, bounce_score, last_bounce, disabled_since, "
-           "concealed")
+           "concealed, bounce_notices")
 
 
 def add_member(conn, list_address, address, name="", mode="mail", now=0.0):
@@ -308,7 +310,7 @@ def count_members(conn, list_address):
 
 
 def set_member(conn, list_address, address, name=None, mode=None, bounce_score=None,
-               last_bounce=None, disabled_since=None, concealed=None):
+               last_bounce=None, disabled_since=None, concealed=None, bounce_notices=None):
     """Change what is given of a member; True if the member exists."""
     ml = _existing(conn, list_address)
     changes = []
@@ -324,6 +326,8 @@ def set_member(conn, list_address, address, name=None, mode=None, bounce_score=N
             changes.append((column, float(value)))
     if concealed is not None:
         changes.append(("concealed", 1 if concealed else 0))
+    if bounce_notices is not None:
+        changes.append(("bounce_notices", int(bounce_notices)))
     if not changes or not address_ok(address):
         return get_member(conn, list_address, address) is not None
     sets = ", ".join(f"{c} = ?" for c, _ in changes)

@@ -1,0 +1,81 @@
+"""Bounce scoring of list members (lists.md 4.7) and reading delivery reports."""
+
+from twisted.trial import unittest
+
+from mailbox_appliance.lists import bounces
+from mailbox_appliance.lists.bounces import DAY, DISABLE, NOTHING, BounceState, score
+
+DSN = (b"From: MAILER-DAEMON@mx.example.org\r\nTo: team-bounces+abc@lists.test\r\n"
+       b"Subject: Undelivered\r\nMIME-Version: 1.0\r\n"
+       b'Content-Type: multipart/report; report-type=delivery-status; boundary="r"\r\n\r\n'
+       b"--r\r\nContent-Type: text/plain\r\n\r\nIt failed.\r\n"
+       b"--r\r\nContent-Type: message/delivery-status\r\n\r\n"
+       b"Reporting-MTA: dns; mx.example.org\r\n\r\n"
+       b"Final-Recipient: rfc822; gone@example.org\r\nAction: failed\r\n"
+       b"Status: 5.1.1 (no such user)\r\n\r\n"
+       b"Final-Recipient: rfc822; full@example.org\r\nAction: delayed\r\n"
+       b"Status: 4.2.2\r\n\r\n"
+       b"--r--\r\n")
+
+
+class ReportTests(unittest.TestCase):
+
+    def test_statuses_of_a_report(self):
+        self.assertEqual(bounces.dsn_statuses(DSN), ["5.1.1", "4.2.2"])
+
+    def test_not_a_report(self):
+        self.assertEqual(bounces.dsn_statuses(b"Subject: hi\r\n\r\nout of office\r\n"), [])
+        self.assertEqual(bounces.dsn_statuses(b"\x00\xff garbage"), [])
+
+    def test_weights(self):
+        self.assertEqual([bounces.weight(s) for s in ("5.1.1", "4.2.2", "5.7.1", None, "2.0.0")],
+                         [1.0, 0.5, 0.5, 1.0, 0.0])
+
+
+class ScoreTests(unittest.TestCase):
+
+    def test_one_increase_a_day(self):
+        state, action = score(BounceState(), "5.1.1", 1000.0)
+        self.assertEqual((state, action), (BounceState(1.0, 1000.0, 0.0), NOTHING))
+        again, action = score(state, "5.1.1", 1000.0 + DAY - 1)
+        self.assertEqual((again, action), (state, NOTHING))
+        later, _ = score(state, "4.2.2", 1000.0 + DAY)
+        self.assertEqual(later.score, 1.5)
+
+    def test_disabled_at_five_once(self):
+        state, now = BounceState(), 0.0
+        actions = []
+        for _ in range(6):
+            now += DAY
+            state, action = score(state, "5.1.1", now)
+            actions.append(action)
+        self.assertEqual(actions, [NOTHING] * 4 + [DISABLE, NOTHING])
+        self.assertEqual(state.disabled_since, 5 * DAY)
+
+    def test_reset_after_a_quiet_week(self):
+        state = BounceState(4.0, 1.0, 0.0)
+        state, action = score(state, "5.1.1", 1.0 + bounces.RESET_AFTER)
+        self.assertEqual((state.score, action), (1.0, NOTHING))
+
+    def test_policy_refusals_are_temporary(self):
+        state, now = BounceState(), 0.0
+        for _ in range(9):
+            now += DAY
+            state, action = score(state, "5.7.1", now)
+            self.assertEqual(action, NOTHING)
+        self.assertEqual(state.score, 4.5)
+
+    def test_notices_then_removal(self):
+        state = BounceState(5.0, 0.0, 100.0)
+        self.assertEqual(bounces.review(state, 100.0, 0), "notice")
+        self.assertIsNone(bounces.review(state, 100.0 + bounces.NOTICE_EVERY - 1, 1))
+        self.assertEqual(bounces.review(state, 100.0 + bounces.NOTICE_EVERY, 1), "notice")
+        self.assertEqual(bounces.review(state, 100.0 + 2 * bounces.NOTICE_EVERY, 2), "notice")
+        self.assertIsNone(bounces.review(state, 100.0 + 3 * bounces.NOTICE_EVERY - 1, 3))
+        self.assertEqual(bounces.review(state, 100.0 + 3 * bounces.NOTICE_EVERY, 3), "remove")
+        self.assertIsNone(bounces.review(BounceState(), 1e9, 0))
+
+    def test_mass_bounce(self):
+        self.assertTrue(bounces.mass_bounce(30, 100))
+        self.assertFalse(bounces.mass_bounce(29, 100))
+        self.assertFalse(bounces.mass_bounce(0, 0))
