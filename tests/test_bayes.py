@@ -545,11 +545,15 @@ class MoveLearnerTests(unittest.TestCase):
         self.assertEqual((yield store.totals("alice@example.test")), (0, 1))
         self.assertIsNone((yield learner.on_moved("example.test", "alice", "Junk", "Trash", raw)))
         self.assertEqual((yield store.totals("")), (0, 0))
-        # A failure is logged, never raised to the IMAP side.
+        # A closed database (a stop) is a warning, never raised to the IMAP side.
         yield store.close()
         self.assertIsNone((yield learner.on_moved("example.test", "alice", "INBOX", "Junk", raw)))
-        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.flushLoggedErrors(RuntimeError), [])
         self.assertEqual(learner.pending, 0)
+        # Any other failure is logged as one.
+        broken = bayes_train.MoveLearner(BrokenLearnStore())
+        self.assertIsNone((yield broken.on_moved("example.test", "alice", "INBOX", "Junk", raw)))
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
         yield store.open()
 
 
@@ -635,6 +639,8 @@ class IMAPMoveHookTests(ApplianceMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_no_hook_no_report(self):
+        self.app.listeners["imap"].factory.on_moved = None
+
         def talk():
             c = self.session()
             self.append(c, "INBOX", read(fixture_files("ham")[1]).replace(b"\n", b"\r\n"))
@@ -693,3 +699,10 @@ class InterfaceTests(unittest.TestCase):
         c = yield store.classify(bayes_train.ScannedMessage.parse(spam), "bob@example.test",
                                  1, 1)
         self.assertIsNone(c.probability)       # no ham learned yet
+
+
+class BrokenLearnStore:
+    """A token database whose learning fails (a corrupt file)."""
+
+    def learn(self, user, raw, spam):
+        return defer.fail(ValueError("database disk image is malformed"))

@@ -251,6 +251,12 @@ class MoveLearner:
             return outcome
 
         def failed(f):
+            if f.check(RuntimeError) and "not open" in str(f.value):
+                # The database closed (the appliance is stopping): this one
+                # message goes unlearned; nothing is wrong.
+                log.warn("bayes: a message moved by {user} was not learned: the database "
+                         "closed first", user=f"{local}@{domain}")
+                return None
             log.failure("bayes: learning a message moved by {user} failed", f,
                         user=f"{local}@{domain}")
             return None

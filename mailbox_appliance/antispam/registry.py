@@ -65,7 +65,9 @@ def open_content_state(config, reactor, read_only=False):
     """
     from mailbox_appliance.antispam import bayes_store
     services = {}
-    if config.antispam.bayes.enabled:
+    # With content filtering off nothing would read the tokens: no database,
+    # and no learning from IMAP moves either.
+    if config.antispam.bayes.enabled and (read_only or config.antispam.content.enabled):
         path = bayes_store.path_of(config)
         if not read_only:
             services["bayes"] = bayes_store.open_bayes(config, reactor)
