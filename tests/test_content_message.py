@@ -128,3 +128,18 @@ class HostileTests(unittest.TestCase):
         many = b"Content-Type: text/html\r\n\r\n" + b"".join(
             b'<a href="http://h%d.test/">x</a>' % i for i in range(5000))
         self.assertEqual(len(ScannedMessage.parse(many).uris), message.MAX_URIS)
+
+
+class LinkTests(unittest.TestCase):
+
+    def test_links_found_at_word_starts_only(self):
+        from mailbox_appliance.antispam.message import _uris
+        text = ("See HTTP://Example.COM/a, www.b.example and xhttp://no.example "
+                "_www.no.example mailto:ann@example.org.")
+        self.assertEqual(_uris([], text), ["HTTP://Example.COM/a", "www.b.example",
+                                           "mailto:ann@example.org"])
+
+    def test_text_whose_lower_case_is_longer(self):
+        from mailbox_appliance.antispam.message import _uris
+        text = "\u0130" * 50 + " https://a.example/x " + "\u0130" * 10 + " www.b.example"
+        self.assertEqual(_uris([], text), ["https://a.example/x", "www.b.example"])

@@ -306,6 +306,10 @@ def _matches_at(pattern, text, low, starts, limit):
     """``pattern``'s matches that begin where one of the lower-case literals
     ``starts`` stands at a word start: found with str.find first (a
     case-blind alternation tried at every position costs ten times more)."""
+    if len(low) != len(text):
+        # Lower-casing changed the length (a dotted capital I...): positions
+        # differ, so the plain search it is.
+        return [m.group(0) for m in pattern.finditer(text)][:limit]
     out = []
     for literal in starts:
         at = low.find(literal)
