@@ -488,3 +488,88 @@ class BadInputTests(RobotCase):
         from mailbox_appliance.state_lists import MailingList
         ctx = StoreScenarioContext(self.store, MailingList(1, TEAM, ""), "send", ALICE)
         verifyObject(IScenarioContext, ctx)
+
+
+class MoreTests(RobotCase):
+
+    @defer.inlineCallbacks
+    def test_post_confirmation(self):
+        """Case 10: a held post is released by its author's CONFIRM, re-evaluated with md5."""
+        token = tokens.new_token()
+        now = self.reactor.seconds()
+        yield self.store.hold(TEAM, "post", tokens.hash_token(token), now + 7 * 86400, now=now,
+                              requester=ALICE, target=ALICE, subject="hi",
+                              message=b"From: alice@a.example\r\nSubject: hi\r\n\r\nhello\r\n")
+        out = yield self.run_mail(mail(ALICE, "quoted"), kind=addresses.CONFIRM,
+                                  list_name="team", token=token)
+        self.assertEqual(out.outgoing, [])
+        [(lst, data, sender)] = self.distributed
+        self.assertEqual((lst, sender), (TEAM, ALICE))
+        self.assertTrue(data.startswith(b"X-Validation-By: alice@a.example\r\nFrom:"))
+
+    @defer.inlineCallbacks
+    def test_post_confirmation_to_moderation(self):
+        """On ann (editorkeyonly) a confirmed post goes to the moderators with a key."""
+        token = tokens.new_token()
+        now = self.reactor.seconds()
+        yield self.store.hold(ANN, "post", tokens.hash_token(token), now + 7 * 86400, now=now,
+                              requester=ALICE, subject="hi", message=b"Subject: hi\r\n\r\nx\r\n")
+        out = yield self.run_mail(mail(ALICE, f"CONFIRM {token}\n"))
+        self.assertEqual(self.distributed, [])
+        self.assertEqual(self.outcomes(out)[0][0], "Pending")
+        [(_, rcpts, note)] = self.others(out)
+        self.assertEqual(rcpts, [MO])
+        key = re.search(r"DISTRIBUTE ann ([0-9a-f]{32})", self.body(note)).group(1)
+        out = yield self.run_mail(mail(MO, f"DISTRIBUTE ann {key}\n"))
+        self.assertEqual(len(self.distributed), 1)
+
+    @defer.inlineCallbacks
+    def test_signoff_star_for_someone_else(self):
+        """SIGNOFF * address: one answer whatever lists the target is on (3.6)."""
+        out = yield self.run_mail(mail(CAROL, f"SIGNOFF * {BOB}\n"))
+        self.assertEqual(self.outcomes(out), [
+            ("Pending", f"SIGNOFF * {BOB}", (f"A confirmation request was sent to {BOB}.",))])
+        out2 = yield self.run_mail(mail(CAROL, f"SIGNOFF * {DAVE}\n"))
+        self.assertEqual(self.outcomes(out2), [
+            ("Pending", f"SIGNOFF * {DAVE}", (f"A confirmation request was sent to {DAVE}.",))])
+        self.assertIsNotNone((yield self.store.get_member(TEAM, BOB)))
+
+    @defer.inlineCallbacks
+    def test_request_address_default_list(self):
+        out = yield self.run_mail(mail(ALICE, "SET NOMAIL\n"), kind=addresses.REQUEST,
+                                  list_name="team")
+        self.assertEqual((yield self.store.get_member(TEAM, ALICE)).mode, "nomail")
+        self.assertTrue(out.replied)
+
+    @defer.inlineCallbacks
+    def test_confirm_address_unknown_token_is_silent(self):
+        out = yield self.run_mail(mail(ALICE, ""), kind=addresses.CONFIRM, list_name="team",
+                                  token="ab" * 16)
+        self.assertEqual(out.outgoing, [])
+        self.assertEqual(self.outcomes(out)[0][2], ("Unknown or expired token.",))
+
+    @defer.inlineCallbacks
+    def test_auth_owner(self):
+        """subscribe auth_owner: the requester confirms, then the owners approve."""
+        yield self.store.update_list(TEAM, settings={"scenarios": {"subscribe": "auth_owner"}})
+        out = yield self.run_mail(mail(DAVE, "SUB team Dave\n"))
+        token = self.token_in(self.others(out)[0][2])
+        out = yield self.run_mail(mail(DAVE, f"CONFIRM {token}\n"))
+        self.assertEqual(self.outcomes(out)[0][2],
+                         ("Your request was forwarded to the list's owners.",))
+        [(_, rcpts, notice)] = self.others(out)
+        self.assertEqual(rcpts, [OLGA])
+        approval = self.token_in(notice)
+        out = yield self.run_mail(mail(OLGA, f"CONFIRM {approval}\n"))
+        self.assertEqual((yield self.store.get_member(TEAM, DAVE)).name, "Dave")
+
+    @defer.inlineCallbacks
+    def test_moderation_key_expired(self):
+        key = tokens.new_token()
+        now = self.reactor.seconds()
+        yield self.store.hold(ANN, "moderation", tokens.hash_token(key), now + 10, now=now,
+                              requester=ALICE, message=b"x")
+        self.advance(11)
+        out = yield self.run_mail(mail(MO, f"DISTRIBUTE ann {key}\n"))
+        self.assertEqual(self.outcomes(out)[0][2], ("Unknown or expired key.",))
+        self.assertEqual(self.distributed, [])

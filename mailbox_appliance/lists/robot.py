@@ -42,6 +42,7 @@ from mailbox_appliance.lists import addresses, commands, replies, tokens
 from mailbox_appliance.lists.commands import Command
 from mailbox_appliance.lists.replies import DONE, ERRORS, PENDING, REFUSED, Results
 from mailbox_appliance.lists.scenario import IScenarioContext
+from mailbox_appliance.state_lists import ListError
 
 log = Logger()
 
@@ -62,6 +63,11 @@ REASONS = {
     "blocklisted": "Refused.",
 }
 DEFAULT_REASON = "Not allowed by the list's rules."
+
+# Who a request token was mailed to, kept in the held row's subject: the one
+# who confirms becomes the sender of the confirmed request (lists.md 2.5).
+BY_TARGET = "confirm by target"
+BY_REQUESTER = "confirm by requester"
 
 # Verbs whose list must be visible to the sender (else "no list named X here").
 _VISIBLE_VERBS = frozenset({"INFO", "REVIEW"})
@@ -276,6 +282,9 @@ class CommandRobot:
                 continue
             try:
                 await self._execute(session, cmd)
+            except ListError as e:
+                # A bound of the tables (held requests, members) or a bad value.
+                session.results.add(ERRORS, cmd.line, f"Not possible: {e}")
             except Exception:
                 log.failure("list robot: {line} failed", line=cmd.line)
                 session.results.add(ERRORS, cmd.line, "Internal error; the listmaster was told.")
@@ -457,7 +466,8 @@ class CommandRobot:
         await self.store.hold(ml.address, tokens.REQUEST, tokens.hash_token(token),
                               s.now + self.lifetimes.of(tokens.REQUEST), now=s.now,
                               action=action, target=target or "", requester=sender,
-                              name=cmd.name, subject=to)
+                              name=cmd.name,
+                              subject=BY_TARGET if to == (target or "").lower() else BY_REQUESTER)
         self._confirmation_mail(s, ml, token, to, action, sender)
         s.results.add(PENDING, line, f"A confirmation request was sent to {to}.")
 
@@ -547,7 +557,7 @@ class CommandRobot:
             return
         if held.kind == tokens.REQUEST:
             # The token is the proof: the one it was mailed to acts, with md5 (2.5).
-            actor = held.subject if addresses.address_ok(held.subject) else held.requester
+            actor = held.target if held.subject == BY_TARGET and held.target else held.requester
         else:
             # Owner approval: the owner accepting is the sender of ADD/DEL (3.5).
             actor = s.sender
@@ -600,7 +610,7 @@ class CommandRobot:
             await self._hand_over(ml, data, held.requester)
             s.results.add(DONE, cmd.line, f"Your message to {ml.address} was distributed.")
         else:
-            await self.hold_for_moderation(s, ml, data, held.requester, held.subject)
+            await self._hold_for_moderation(s, ml, data, held.requester, held.subject)
             s.results.add(PENDING, cmd.line,
                           f"Your message to {ml.address} awaits the moderators.")
 
@@ -698,7 +708,7 @@ class CommandRobot:
         # Keys are stored hashed: they are in the moderation mails, not here.
         s.results.add(DONE, cmd.line, lines[0], "\n  ".join(lines[1:]) or "-")
 
-    async def hold_for_moderation(self, s, ml, data, author, subject):
+    async def _hold_for_moderation(self, s, ml, data, author, subject):
         """Hold a post with a key and mail the moderators (else owners, else listmasters)."""
         key = tokens.new_token()
         await self.store.hold(ml.address, tokens.MODERATION, tokens.hash_token(key),
@@ -739,6 +749,20 @@ class CommandRobot:
     async def _every_list(self, s, cmd):
         """SIGNOFF * / SET *: every list of the domain where the target is a member."""
         target = cmd.address or s.sender
+        third_party = target != s.sender
+        if third_party:
+            # Which lists the target is on is not the requester's business (3.6):
+            # the per-list outcomes are kept from the reply, one answer is given.
+            shown, s.results = s.results, Results()
+        try:
+            await self._each_list(s, cmd, target)
+        finally:
+            if third_party:
+                s.results = shown
+        if third_party:
+            s.results.add(PENDING, cmd.line, f"A confirmation request was sent to {target}.")
+
+    async def _each_list(self, s, cmd, target):
         found = 0
         for ml in (await self.store.all_lists(s.domain))[:MAX_LISTED]:
             if await self.store.get_member(ml.address, target) is None:
@@ -751,12 +775,8 @@ class CommandRobot:
                 await self._set(s, one, ml, line)
             else:
                 await self._request(s, one, ml, line=line)
-        if not found:
-            if target != s.sender:
-                # Membership is not disclosed to third parties (3.6).
-                s.results.add(PENDING, cmd.line, f"A confirmation request was sent to {target}.")
-            else:
-                s.results.add(DONE, cmd.line, "You are not a member of any list here.")
+        if not found and target == s.sender:
+            s.results.add(DONE, cmd.line, "You are not a member of any list here.")
 
     async def _review(self, s, cmd, ml):
         decision = await self._decide(s, ml, "review", s.sender, s.auth_method)
@@ -847,7 +867,7 @@ class CommandRobot:
         await self.store.hold(ml.address, tokens.REQUEST, tokens.hash_token(token),
                               s.now + self.lifetimes.of(tokens.REQUEST), now=s.now,
                               action=action, target=target, requester=sender,
-                              name=cmd.name, subject=target)
+                              name=cmd.name, subject=BY_TARGET)
         self._mail(s, ml, [target], f"Invitation to {ml.name}",
                    f"{sender} invites you to the list {ml.address}"
                    + (f" ({ml.subject})" if ml.subject else "") + ".\n\n"
