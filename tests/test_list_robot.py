@@ -573,3 +573,22 @@ class MoreTests(RobotCase):
         out = yield self.run_mail(mail(MO, f"DISTRIBUTE ann {key}\n"))
         self.assertEqual(self.outcomes(out)[0][2], ("Unknown or expired key.",))
         self.assertEqual(self.distributed, [])
+
+    @defer.inlineCallbacks
+    def test_owner_approval_at_subscribe_address(self):
+        """No results mail at -subscribe, but the requester hears his request went to the owners."""
+        yield self.store.update_list(TEAM, settings={"scenarios": {"subscribe": "owner"}})
+        out = yield self.run_mail(mail(DAVE, "hello"), kind=addresses.SUBSCRIBE,
+                                  list_name="team")
+        self.assertFalse(out.replied)
+        self.assertEqual(sorted(o[1][0] for o in out.outgoing), [DAVE, OLGA])
+
+    @defer.inlineCallbacks
+    def test_held_requests_bounded_per_sender(self):
+        """At most 30 requests held per sender and hour, however many mails."""
+        for first in (0, 20):
+            body = "".join(f"SIGNOFF team user{i}@x.example\n" for i in range(first, first + 20))
+            out = yield self.run_mail(mail(CAROL, body))
+        sections = [o[0] for o in self.outcomes(out)]
+        self.assertEqual(sections, ["Pending"] * 10 + ["Refused"] * 10)
+        self.assertEqual(len((yield self.store.held_waiting(TEAM))), 30)

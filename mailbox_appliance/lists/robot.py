@@ -47,6 +47,7 @@ from mailbox_appliance.state_lists import ListError
 log = Logger()
 
 # Bounds.
+MAX_HELD_PER_HOUR = 30          # requests one sender may have held per hour
 MAX_OPEN_CONFIRMATIONS = 3      # open confirmation requests per (list, target), section 3.4
 MAX_REVIEW = 2000               # members named in one REVIEW reply (the reply is 64 KiB anyway)
 PAGE = 500                      # members read at a time
@@ -175,7 +176,8 @@ class StoreScenarioContext:
 class _Session:
     """One command mail being executed: who asked, how, and what it produced."""
 
-    def __init__(self, domain, sender, auth_method, message, now):
+    def __init__(self, domain, sender, auth_method, message, now, reply=True):
+        self.reply = reply          # False at -subscribe/-unsubscribe/-confirm: no results mail
         self.domain = domain
         self.sender = sender
         self.auth_method = auth_method
@@ -217,6 +219,8 @@ class CommandRobot:
         self.seen = replies.RecentMessageIds(self.clock)
         # Third-party requests: the target hears of them at most once a day (3.6).
         self.third_party = replies.WindowLimit(self.clock, 1, 86400.0)
+        # Requests held for confirmation or approval, per requester and hour.
+        self.held_requests = replies.WindowLimit(self.clock, MAX_HELD_PER_HOUR, 3600.0)
 
     # -- entry point -----------------------------------------------------------------------
 
@@ -262,8 +266,8 @@ class CommandRobot:
             log.info("list robot: mail dropped: {why}", why=why)
             return RobotOutcome(dropped=why)
         sender = replies.sender_of(msg)
-        session = _Session(domain, sender, auth_method, msg, self.clock())
         reply = kind in (addresses.ROBOT, addresses.REQUEST)
+        session = _Session(domain, sender, auth_method, msg, self.clock(), reply)
         if kind == addresses.SUBSCRIBE:
             cmds = [Command("SUBSCRIBE", f"SUBSCRIBE {list_name}", list_name=list_name)]
         elif kind == addresses.UNSUBSCRIBE:
@@ -411,6 +415,9 @@ class CommandRobot:
             to = target if decision.auth_target == "email" and target else sender
             await self._ask_confirmation(s, cmd, ml, sender, target, to, line)
         elif action == "owner":
+            if self.held_requests.hit(s.sender) == replies.WindowLimit.DENY:
+                s.results.add(REFUSED, line, "Too many requests from you; try again later.")
+                return
             await self._ask_owners(s, cmd, ml, sender, target, line)
         else:
             log.error("list robot: {op} decided {a}, not an action for it", op=operation,
@@ -449,11 +456,17 @@ class CommandRobot:
 
     async def _open_confirmations(self, ml, target):
         waiting = await self.store.held_waiting(ml.address, tokens.REQUEST)
-        return sum(1 for h in waiting if h.target == (target or "").lower())
+        return sum(1 for h in waiting
+                   if h.target == (target or "").lower() and h.expires > self.clock())
 
     async def _ask_confirmation(self, s, cmd, ml, sender, target, to, line):
         """Hold the request and mail its token to ``to`` (section 3.4)."""
         third_party = to != (s.sender or "").lower()
+        if self.held_requests.hit(s.sender) == replies.WindowLimit.DENY:
+            # One sender cannot fill the held table (and so block everyone's
+            # confirmations) by asking for thousands of them.
+            s.results.add(REFUSED, line, "Too many requests from you; try again later.")
+            return
         if await self._open_confirmations(ml, target or to) >= MAX_OPEN_CONFIRMATIONS:
             # Same answer as a fresh request: nothing about the target is disclosed.
             s.results.add(PENDING, line, f"A confirmation request was sent to {to}.")
@@ -497,6 +510,11 @@ class CommandRobot:
         if not owners:
             self._alert(s, f"{ml.address} has no owner to approve a request.")
         s.results.add(PENDING, line, "Your request was forwarded to the list's owners.")
+        if not s.reply and s.sender:
+            # No results mail at -subscribe/-confirm: the requester still hears of it.
+            self._mail(s, ml, [s.sender], f"Your request on {ml.name}",
+                       f"Your request on {ml.address} was forwarded to the list's owners; "
+                       "you will hear from them.\n")
 
     # -- tokens: CONFIRM, AUTH, DECLINE ---------------------------------------------------
 
