@@ -592,3 +592,14 @@ class MoreTests(RobotCase):
         sections = [o[0] for o in self.outcomes(out)]
         self.assertEqual(sections, ["Pending"] * 10 + ["Refused"] * 10)
         self.assertEqual(len((yield self.store.held_waiting(TEAM))), 30)
+
+    @defer.inlineCallbacks
+    def test_internal_error_reported_and_alerted(self):
+        """A store failure: 'internal error' in the reply, one alert, the next command still runs."""
+        def broken(*a, **kw):
+            return defer.fail(RuntimeError("disk on fire"))
+        self.patch(self.store, "count_members", broken)
+        out = yield self.run_mail(mail(OLGA, "REVIEW team\nWHICH\n"))
+        self.assertEqual([o[0] for o in self.outcomes(out)], ["Errors", "Done"])
+        self.assertEqual(len([o for o in out.outgoing if o[1] == [LISTMASTER]]), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

@@ -47,6 +47,7 @@ from mailbox_appliance.state_lists import ListError
 log = Logger()
 
 # Bounds.
+MAX_ALERTS_PER_HOUR = 20
 MAX_HELD_PER_HOUR = 30          # requests one sender may have held per hour
 MAX_OPEN_CONFIRMATIONS = 3      # open confirmation requests per (list, target), section 3.4
 MAX_REVIEW = 2000               # members named in one REVIEW reply (the reply is 64 KiB anyway)
@@ -221,6 +222,9 @@ class CommandRobot:
         self.third_party = replies.WindowLimit(self.clock, 1, 86400.0)
         # Requests held for confirmation or approval, per requester and hour.
         self.held_requests = replies.WindowLimit(self.clock, MAX_HELD_PER_HOUR, 3600.0)
+        # Listmaster alerts, all kinds together: a bug hit by every mail must not
+        # become a flood in the listmaster's mailbox (the log keeps the rest).
+        self.alerts = replies.WindowLimit(self.clock, MAX_ALERTS_PER_HOUR, 3600.0)
 
     # -- entry point -----------------------------------------------------------------------
 
@@ -292,6 +296,8 @@ class CommandRobot:
             except Exception:
                 log.failure("list robot: {line} failed", line=cmd.line)
                 session.results.add(ERRORS, cmd.line, "Internal error; the listmaster was told.")
+                self._alert(session, "A command failed with an internal error (see the log): "
+                            + replies.quote_line(cmd.line))
             for warning in cmd.warnings:
                 session.results.note(warning)
         if kind in (addresses.ROBOT, addresses.REQUEST):
@@ -960,6 +966,9 @@ class CommandRobot:
         s.outgoing.append((bounces, list(to), _bytes(msg)))
 
     def _alert(self, s, text):
+        log.warn("list robot alert: {text}", text=text)
+        if self.alerts.hit("all") == replies.WindowLimit.DENY:
+            return
         robot = self.robot_address(s.domain)
         to = list(self.listmasters) or [f"listmaster@{s.domain}"]
         msg = EmailMessage()
