@@ -238,6 +238,9 @@ class IListStore(Interface):
     def settle_held(held_id, by, now):
         """True for the first to act on a held request, False after."""
 
+    def held_failed(held_id):
+        """Count a wrong use of a held request's token; the new count."""
+
     def held_waiting(list_address, kind=None):
         """The list's waiting requests, oldest first."""
 

@@ -435,6 +435,14 @@ def settle_held(conn, held_id, by, now):
                         (_text(by, MAX_ADDRESS), now, held_id)).rowcount > 0
 
 
+def held_failed(conn, held_id):
+    """Count a wrong use of a request's token (an AUTH with another command);
+    the new count."""
+    conn.execute("UPDATE list_held SET attempts = attempts + 1 WHERE id = ?", (held_id,))
+    row = conn.execute("SELECT attempts FROM list_held WHERE id = ?", (held_id,)).fetchone()
+    return row[0] if row else 0
+
+
 def held_waiting(conn, list_address, kind=None):
     """The list's requests still waiting, oldest first."""
     ml = _existing(conn, list_address)

@@ -483,6 +483,12 @@ class BadInputTests(RobotCase):
         out = yield self.run_mail(mail(CAROL, f"AUTH {token} SUBSCRIBE ann\n"))
         self.assertEqual(self.outcomes(out)[0][0], "Refused")
         self.assertIsNone((yield self.store.get_member(TEAM, CAROL)))
+        # Guessing the command: after MAX_ATTEMPTS wrong ones the token is void.
+        for _ in range(tokens.MAX_ATTEMPTS - 1):
+            yield self.run_mail(mail(CAROL, f"AUTH {token} SUBSCRIBE ann\n"))
+        out = yield self.run_mail(mail(CAROL, f"CONFIRM {token}\n"))
+        self.assertEqual(self.outcomes(out)[0][2], ("Unknown or expired token.",))
+        self.assertIsNone((yield self.store.get_member(TEAM, CAROL)))
 
     def test_context_interface(self):
         from mailbox_appliance.state_lists import MailingList

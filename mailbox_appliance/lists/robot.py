@@ -557,6 +557,8 @@ class CommandRobot:
             s.results.add(ERRORS, cmd.line, f"Already handled by {held.handled_by}.")
             return
         if status == tokens.MISMATCH:
+            # Counted: after tokens.MAX_ATTEMPTS wrong commands the token is void.
+            await self.store.held_failed(held.id)
             s.results.add(REFUSED, cmd.line,
                           "The command given does not match the one this token is for.")
             return
