@@ -544,21 +544,9 @@ def cmd_greylist_list(args, cfg, path, now) -> int:
 
 
 def _open_for_writing(cfg, path):
-    """The database, created if needed with the owner of data_dir (the appliance's user)."""
+    """The state database, created if needed with the owner of data_dir."""
     from mailbox_appliance import state
-    created = not os.path.exists(path)
-    if created:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    conn = state.connect(path)
-    if created and hasattr(os, "geteuid") and os.geteuid() == 0:
-        # An admin running this as root must not leave a file the
-        # appliance's own user cannot write.
-        owner = os.stat(os.path.dirname(path))
-        try:
-            os.chown(path, owner.st_uid, owner.st_gid)
-        except OSError:
-            pass
-    return conn
+    return state.open_for_writing(path)
 
 
 def cmd_greylist_change(args, cfg, path, now) -> int:

@@ -259,25 +259,45 @@ def in_transaction(conn, fn, *args, **kwargs):
 
 # -- the SQL, on a connection (any thread that owns it) ------------------------------------
 
+def give_to_owner_of(owner_path, paths):
+    """Run as root (an admin command), give the existing ``paths`` to the
+    owner of ``owner_path`` (data_dir, or the database file): root must not
+    leave files the appliance's own user cannot write."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return
+    owner = os.stat(owner_path)
+    for name in paths:
+        try:
+            st = os.stat(name)
+            if (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
+                os.chown(name, owner.st_uid, owner.st_gid)
+        except OSError:
+            pass
+
+
+def open_for_writing(path, connect_to=None):
+    """``connect_to(path)`` (this module's ``connect`` by default), the file
+    and its folder created if needed and left to the folder's owner."""
+    created = not os.path.exists(path)
+    if created:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    conn = (connect_to or connect)(path)
+    if created:
+        give_to_owner_of(os.path.dirname(path), (path, path + "-wal", path + "-shm"))
+    return conn
+
+
 def open_read_only(path, probe):
     """An existing SQLite file opened so that nothing is written; ``probe``
     (a query) is run at once. Reading a WAL database makes its -wal and -shm
-    files when no writer has them open: run as root (an admin command),
-    they are given to the database file's owner, the appliance's user."""
+    files when no writer has them open: they are left to the database
+    file's owner, the appliance's user."""
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
     conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None,
                            check_same_thread=False)
     try:
         conn.execute(probe).fetchall()
-        if hasattr(os, "geteuid") and os.geteuid() == 0:
-            owner = os.stat(path)
-            for suffix in ("-wal", "-shm"):
-                try:
-                    st = os.stat(path + suffix)
-                    if (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
-                        os.chown(path + suffix, owner.st_uid, owner.st_gid)
-                except OSError:
-                    pass
+        give_to_owner_of(path, (path + "-wal", path + "-shm"))
     except BaseException:
         conn.close()
         raise

@@ -140,18 +140,8 @@ def messages_at(path):
 
 def _open_for_writing(path):
     """The database, created if needed with the owner of data_dir (the appliance's user)."""
-    created = not os.path.exists(path)
-    if created:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    conn = bayes_store.connect(path)
-    if created and hasattr(os, "geteuid") and os.geteuid() == 0:
-        owner = os.stat(os.path.dirname(path))
-        for name in (path, path + "-wal", path + "-shm"):
-            try:
-                os.chown(name, owner.st_uid, owner.st_gid)
-            except OSError:
-                pass
-    return conn
+    from mailbox_appliance.state import open_for_writing
+    return open_for_writing(path, bayes_store.connect)
 
 
 def train_command(config, path, spam, user=None):
