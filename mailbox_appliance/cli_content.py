@@ -111,10 +111,8 @@ async def explain(cfg, reactor, raw, args):
     """What every content filter says of ``raw``: a JSON-able document."""
     from twisted.internet import threads
     from mailbox_appliance.antispam.message import ScannedMessage
-    from mailbox_appliance.antispam.registry import content_filters, open_content_state
-    from mailbox_appliance.config import parse_duration
+    from mailbox_appliance.antispam.registry import content_scan, open_content_state
     from mailbox_appliance.dns import make_resolver
-    from mailbox_appliance.antispam.content import ContentScan
     from mailbox_appliance.smtp.session import SessionState
 
     c = cfg.antispam.content
@@ -125,10 +123,7 @@ async def explain(cfg, reactor, raw, args):
         await _maybe(svc.startService())
     try:
         resolver = make_resolver(reactor, cfg)
-        scan = ContentScan(reactor, content_filters(cfg, reactor, resolver, state),
-                           cfg.server.hostname, tag_score=c.tag_score,
-                           reject_score=c.reject_score, max_scan_size=c.max_scan_size,
-                           timeout=parse_duration(c.scan_timeout))
+        scan = content_scan(cfg, reactor, resolver, state, even_if_off=True)
         msg = await threads.deferToThread(
             ScannedMessage.parse, raw, sender=args.sender,
             recipients=tuple(args.recipient), client_ip=args.client_ip, helo=args.helo)

@@ -22,14 +22,10 @@ defaults being the safer ones of 2.7.
 from __future__ import annotations
 
 import os
-import re
 import time
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
-OPERATIONS = ("send", "subscribe", "unsubscribe", "review", "info", "visibility", "add",
-              "del", "invite", "remind", "archive_mail_access")
-_SCENARIO_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 
 
 def add_commands(sub, json_flag):
@@ -138,22 +134,19 @@ def _existing(conn, address):
 
 def scenario_exists(operation, name) -> bool:
     """Whether the appliance ships the scenario file ``OPERATION.NAME``."""
-    from importlib import resources
-    try:
-        return resources.files("mailbox_appliance.lists").joinpath(
-            "scenari", f"{operation}.{name}").is_file()
-    except (ModuleNotFoundError, FileNotFoundError):
-        return False
+    from mailbox_appliance.lists.scenario import ScenarioLibrary
+    return name in ScenarioLibrary().shipped_names(operation)
 
 
 def _scenarios(choices):
+    from mailbox_appliance.lists.scenario import OPERATIONS
     out = {}
     for choice in choices:
         operation, _, name = choice.partition("=")
         if operation not in OPERATIONS:
             raise _Refused(f"--scenario {_shown(choice)}: unknown operation (expected one of "
                            + ", ".join(OPERATIONS) + ")")
-        if not _SCENARIO_NAME.match(name) or not scenario_exists(operation, name):
+        if not scenario_exists(operation, name):
             raise _Refused(f"--scenario {_shown(choice)}: no scenario {operation}.{_shown(name)}")
         out[operation] = name
     return out

@@ -76,10 +76,11 @@ def open_content_state(config, reactor, read_only=False):
     return services
 
 
-def content_scan(config, reactor, resolver, state=None):
-    """The MX's end-of-data ContentScan, or None when content filtering is off."""
+def content_scan(config, reactor, resolver, state=None, even_if_off=False):
+    """The MX's end-of-data ContentScan, or None when content filtering is off
+    (``even_if_off``: ``spam explain`` shows what it would say)."""
     c = config.antispam.content
-    if not c.enabled:
+    if not c.enabled and not even_if_off:
         return None
     return ContentScan(reactor, content_filters(config, reactor, resolver, state),
                        config.server.hostname, tag_score=c.tag_score,
