@@ -183,7 +183,7 @@ class ScannedMessage:
         stack = [(self.raw_headers, self.body, 0)]
         while stack:
             fields, body, depth = stack.pop()
-            ctype, params = content_type(_field(fields, "content-type"))
+            ctype, params = content_type(field_text(fields, "content-type"))
             if ctype.startswith("multipart/") or ctype == "message/rfc822":
                 if depth >= MAX_DEPTH:
                     self.truncated = True
@@ -205,7 +205,7 @@ class ScannedMessage:
                 break
             if not ctype.startswith("text/") or size >= MAX_TEXT:
                 continue
-            text = decode_body(body, _field(fields, "content-transfer-encoding"),
+            text = decode_body(body, field_text(fields, "content-transfer-encoding"),
                                params.get("charset", ""), MAX_TEXT - size)
             raws.append(text)
             if ctype == "text/html":
@@ -224,7 +224,7 @@ _PARAM = re.compile(r"""\s*([A-Za-z0-9*_.-]{1,64})\s*=\s*("(?:[^"\\]|\\.){0,998}
 MAX_PARAMS = 20
 
 
-def _field(fields, name) -> str:
+def field_text(fields, name) -> str:
     """The first raw value of field ``name`` as text (unfolded), or ""."""
     for n, v in fields:
         if n.lower() == name:

@@ -28,7 +28,8 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from mailbox_appliance.antispam.message import content_type, raw_header_fields, split_message
+from mailbox_appliance.antispam.message import (content_type, field_text, raw_header_fields,
+                                                split_message)
 from mailbox_appliance.lists import commands, replies
 from mailbox_appliance.lists.addresses import list_address as address_of
 
@@ -62,14 +63,6 @@ def list_id(name, domain) -> str:
     return f"{name}.{domain}".lower()
 
 
-def _field(fields, name):
-    """The first raw value of ``name`` (str, unfolded, stripped), or ""."""
-    for n, v in fields:
-        if n.lower() == name:
-            return " ".join(v.decode("latin-1").split())
-    return ""
-
-
 def _all(fields, name):
     return [" ".join(v.decode("latin-1").split()) for n, v in fields if n.lower() == name]
 
@@ -88,22 +81,22 @@ def check_post(raw, msg, list_name, domain, seen_message_id=None, max_size=MAX_S
     for value in _all(fields, "x-loop"):
         if posting in value.lower():
             return PostCheck(DISCARD, "loop: our X-Loop")
-    lid = _field(fields, "list-id").lower()
+    lid = field_text(fields, "list-id").lower()
     if lid and f"<{list_id(list_name, domain)}>" in lid:
         return PostCheck(DISCARD, "loop: our List-Id")
-    if posting in _field(fields, "list-post").lower():
+    if posting in field_text(fields, "list-post").lower():
         return PostCheck(DISCARD, "loop: our List-Post")
-    auto = _field(fields, "auto-submitted").lower()
+    auto = field_text(fields, "auto-submitted").lower()
     if auto and auto.split(";")[0].strip() != "no":
         return PostCheck(DISCARD, "automatic mail (Auto-Submitted)")
-    if _field(fields, "content-identifier") or _field(fields, "x400-content-identifier"):
+    if field_text(fields, "content-identifier") or field_text(fields, "x400-content-identifier"):
         return PostCheck(DISCARD, "automatic mail (X.400 marker)")
     sender = replies.sender_of(msg)
     if sender is None:
         return PostCheck(DISCARD, "no single From: mailbox")
     if robot_senders.match(sender.partition("@")[0]):
         return PostCheck(DISCARD, f"sent by a robot ({sender})")
-    mid = _field(fields, "message-id")
+    mid = field_text(fields, "message-id")
     if mid and seen_message_id is not None and seen_message_id(mid):
         return PostCheck(DISCARD, f"Message-ID {mid[:100]} already distributed")
     if len(raw) > max_size:
@@ -181,8 +174,8 @@ _CONTENT_FIELDS = ("content-type", "content-transfer-encoding", "content-disposi
 
 def _with_footer(fields, body, footer):
     """(fields, body) with the footer placed so the message stays whole."""
-    ctype, params = content_type(_field(fields, "content-type") or "text/plain")
-    cte = _field(fields, "content-transfer-encoding").lower() or "7bit"
+    ctype, params = content_type(field_text(fields, "content-type") or "text/plain")
+    cte = field_text(fields, "content-transfer-encoding").lower() or "7bit"
     if ctype in ("multipart/signed", "multipart/encrypted", "application/pkcs7-mime",
                  "application/x-pkcs7-mime"):
         return fields, body
