@@ -830,9 +830,9 @@ class SMTPSession:
                 yield self.proto.expect(self.settings.data_timeout, "end of data")
                 yield self._reset()
                 return carry
-            yield self._stream(message)
+            eod_d, = yield self._stream(message)
             try:
-                eod = yield self.proto.expect(self.settings.data_timeout, "end of data")
+                eod = yield eod_d
             except (ReplyTimeout, ConnectionBroken) as e:
                 # RFC 1047: the message may well have been taken; deferring
                 # risks a duplicate, never a loss. Not retried elsewhere now.
@@ -859,6 +859,8 @@ class SMTPSession:
 
     @defer.inlineCallbacks
     def _stream(self, message):
+        """Send the body and the final dot; fires with (the Deferred of the
+        end-of-data reply,)."""
         reader = BodyReader(self.reactor, message)
         stuffer = DotStuffer()
         self.proto.transport.registerProducer(self.proto, True)
@@ -877,11 +879,16 @@ class SMTPSession:
                     break
                 self.proto.write(stuffer.feed(chunk))
                 yield self.proto.wait_writable(self.settings.command_timeout)
+            # Expected before the dot goes: the reply can arrive while the
+            # file is still being closed, and would be a reply nobody asked for.
+            eod = self.proto.expect(self.settings.data_timeout, "end of data")
             self.proto.write(stuffer.finish())
         finally:
             if self.proto.transport is not None:
                 self.proto.transport.unregisterProducer()
             yield reader.close()
+        # In a tuple: returned bare, the Deferred would be waited for here.
+        return (eod,)
 
     @defer.inlineCallbacks
     def _reset(self):
