@@ -140,7 +140,12 @@ class Appliance(service.MultiService):
         self.receive_worker = BatchWorker(reactor, "receive-io", threads=2)
         self.delivery_worker = BatchWorker(reactor, "delivery-io", threads=1)
         self.spool = Spool(reactor, os.path.join(data_dir, "queue"), worker=self.receive_worker)
-        self.router = Router(directory, domains)
+        # The list server takes the mail of list addresses; what it sends goes
+        # through the queue like any other mail.
+        from mailbox_appliance.lists.service import ListService
+        self.lists = ListService(reactor, config, self.state, self.spool)
+        self.lists.setServiceParent(self)
+        self.router = Router(directory, domains, lists=self.lists)
         self.store = MailStore(reactor, os.path.join(data_dir, "mail"),
                                hostname=config.server.hostname)
         self.local_delivery = MaildirDelivery(reactor, os.path.join(data_dir, "mail"),
@@ -155,7 +160,8 @@ class Appliance(service.MultiService):
         self.resolver = CachingResolver(make_resolver(reactor, config), reactor)
         self.remote_delivery = RemoteDelivery(reactor, config, resolver=self.resolver)
         self.queue = QueueManager(reactor, config, self.spool, self.router, self.local_delivery,
-                                  remote_agent=self.remote_delivery)
+                                  remote_agent=self.remote_delivery, list_agent=self.lists)
+        self.lists.submit = self.queue.submit
         self.queue.setServiceParent(self)
 
         self.listeners = {}
@@ -187,7 +193,7 @@ class Appliance(service.MultiService):
         self.content_scan = content_scan(config, reactor, self.resolver, shared)
         self.policy = PolicyChain(door + [
             RelayAccess(domains),
-            RecipientExists(directory, domains),
+            RecipientExists(directory, domains, lists=self.lists),
             HopCount(config.smtp.max_received_headers),
         ] + door_after + ([self.content_scan] if self.content_scan else []))
         if config.listen.smtp:
@@ -199,12 +205,13 @@ class Appliance(service.MultiService):
             factory = LMTPServerFactory(reactor, config, self.lmtp_policy, self.spool,
                                         self.queue, tls_context=self.tls_context)
             for check in (LMTPClientAccess(factory.is_trusted), LocalRecipientsOnly(domains),
-                          RecipientExists(directory, domains),
+                          RecipientExists(directory, domains, lists=self.lists),
                           HopCount(config.smtp.max_received_headers)):
                 self.lmtp_policy.add(check)
             self._listen("lmtp", config.listen.lmtp, factory)
         # Both submission ports share one policy and one failed-login count.
-        self.submission_policy = submission_policy(config, directory, domains)
+        self.submission_policy = submission_policy(config, directory, domains,
+                                                   lists=self.lists)
         for check in reversed(submission_checks(door)):
             self.submission_policy.add(check, first=True)
         # Last: the signature must cover the message as the other checks left it.

@@ -333,6 +333,9 @@ class ListsConfig:
 
     domains: tuple = ()             # empty: the [server] domains
     robot: str = "lists"            # the command address's local part at each list domain
+    # The site's list administrators: mail to listmaster@ and the robot's
+    # alerts go to them (empty: the postmaster).
+    listmasters: tuple = ()
 
     def list_domains(self, server):
         return tuple(d.lower() for d in (self.domains or server.domains))
@@ -529,6 +532,9 @@ def _validate(cfg: Config) -> None:
         if d.lower() not in {x.lower() for x in s.domains}:
             raise ConfigError(f"{p}: [lists] domains: {d} is not one of [server] domains "
                               f"(list mail must be ours to receive)")
+    for a in cfg.lists.listmasters:
+        if not re.match(r"^[^@\s<>]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$", a):
+            raise ConfigError(f"{p}: [lists] listmasters: expected mail addresses, got {a!r}")
     if not re.match(r"^[a-z0-9][a-z0-9._-]{0,49}$", cfg.lists.robot):
         raise ConfigError(f"{p}: [lists] robot: expected a lower-case local part like "
                           f"\"lists\", got {cfg.lists.robot!r}")

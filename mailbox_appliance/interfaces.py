@@ -85,6 +85,17 @@ class IMessageQueue(Interface):
         """
 
 
+class IListAgent(Interface):
+    """The list server's side of delivery: takes mail for list addresses."""
+
+    def classify(address):
+        """A Deferred firing with the list address kind of ``address``, or None."""
+
+    def deliver(message, target):
+        """Take ``message`` for the list address of ``target`` (a router Target of
+        kind "list"); a Deferred firing with a RecipientResult."""
+
+
 class IRemoteDelivery(Interface):
     """Sends queued mail to other domains over SMTP (``delivery/remote.py``)."""
 

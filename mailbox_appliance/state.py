@@ -202,6 +202,9 @@ class IListStore(Interface):
     def get_member(list_address, address):
         """The Member, or None."""
 
+    def member_by_id(list_address, member_id):
+        """The Member with that id, or None."""
+
     def members(list_address, limit=None, after=""):
         """Members in address order, a page at a time."""
 

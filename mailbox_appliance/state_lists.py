@@ -290,6 +290,16 @@ def get_member(conn, list_address, address):
     return Member(*row) if row else None
 
 
+def member_by_id(conn, list_address, member_id):
+    """The Member whose id is ``member_id`` (a VERP tag names members by id), or None."""
+    ml = get_list(conn, list_address)
+    if ml is None or not isinstance(member_id, int):
+        return None
+    row = conn.execute(f"SELECT {_MEMBER} FROM list_members WHERE list_id = ? AND id = ?",
+                       (ml.id, member_id)).fetchone()
+    return Member(*row) if row else None
+
+
 def members(conn, list_address, limit=None, after=""):
     """Members in address order, ``limit`` at a time after the address ``after``
     (a list of 10,000 is read in pages, never all into memory at once)."""

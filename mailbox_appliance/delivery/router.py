@@ -2,7 +2,9 @@
 
 Recipients of our domains are expanded through the directory (forwarding and
 aliases) into local mailboxes and remote addresses; other domains are remote.
-Each destination gets a stable key so the queue can record it as done.
+Addresses of the list server (the robot, a list and its administrative
+addresses) are handed to it whole. Each destination gets a stable key so the
+queue can record it as done.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from twisted.internet import defer
 class Target:
     """One final destination of one envelope recipient."""
 
-    kind: str          # "local" or "remote"
+    kind: str          # "local", "remote" or "list" (user: its ListAddress)
     key: str           # stable identity for the queue's done-records
     address: str       # the address delivered to (Delivered-To / RCPT TO)
     user: object = None
@@ -33,9 +35,12 @@ class Route:
 class Router:
     """Resolves envelope recipients with the directory."""
 
-    def __init__(self, directory, domains):
+    def __init__(self, directory, domains, lists=None):
         self.directory = directory
         self.domains = frozenset(d.lower() for d in domains)
+        # The list server (``IListAgent``): its addresses come before the
+        # directory's users at a list domain.
+        self.lists = lists
 
     def is_local(self, addr: str) -> bool:
         return addr.rpartition("@")[2].lower() in self.domains
@@ -45,6 +50,11 @@ class Router:
         """Fire with a Route; fails with DirectoryUnavailable when the directory is down."""
         if not self.is_local(recipient):
             return Route(targets=(Target("remote", "R:" + recipient.lower(), recipient),))
+        if self.lists is not None:
+            where = yield self.lists.classify(recipient)
+            if where is not None:
+                return Route(targets=(Target("list", "T:" + recipient.lower(), recipient,
+                                             user=where),))
         expansion = yield self.directory.expand(recipient)
         if expansion.empty:
             return Route(unknown=True)

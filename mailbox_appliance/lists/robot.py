@@ -38,7 +38,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailbox_appliance.lists import addresses, commands, replies, tokens
+from mailbox_appliance.lists import addresses, commands, posting, replies, tokens
 from mailbox_appliance.lists.commands import Command
 from mailbox_appliance.lists.replies import DONE, ERRORS, PENDING, REFUSED, Results
 from mailbox_appliance.lists.scenario import IScenarioContext
@@ -240,6 +240,99 @@ class CommandRobot:
         return defer.ensureDeferred(self._handle(message, envelope_sender, recipient_kind,
                                                  domain.lower(), list_name, token,
                                                  auth_method, spam))
+
+    def post(self, raw, message, envelope_sender, list_name, domain, auth_method="smtp",
+             spam=False, seen_message_id=None):
+        """Take one post to ``LIST@domain`` (lists.md 4.1-4.2, 3.2, 3.3).
+
+        ``raw`` the message as received, ``message`` its parse. Loops and
+        automatic mail are dropped, the ``send`` scenario decides with the
+        author (the single From: mailbox) as sender: distributed through
+        ``distribute``, held for the author's confirmation or for the
+        moderators, or refused with a notice (none to spam or with ``quiet``).
+        A Deferred firing with a ``RobotOutcome``.
+        """
+        return defer.ensureDeferred(self._post(raw, message, envelope_sender, list_name,
+                                               domain.lower(), auth_method, spam,
+                                               seen_message_id))
+
+    async def _post(self, raw, msg, envelope_sender, list_name, domain, auth_method, spam,
+                    seen_message_id):
+        ml = await self.store.get_list(addresses.list_address(list_name, domain))
+        if ml is None:
+            return RobotOutcome(dropped=f"no list {list_name}@{domain}")
+        if not (envelope_sender or "").strip("<>"):
+            return RobotOutcome(dropped="a post from the null sender (a bounce or notice)")
+        check = posting.check_post(raw, msg, ml.name, domain, seen_message_id=seen_message_id,
+                                   max_size=int(ml.settings.get("max_size")
+                                                or posting.MAX_SIZE))
+        author = replies.sender_of(msg)
+        s = _Session(domain, author, auth_method, msg, self.clock(), reply=False)
+        outcome = RobotOutcome(outgoing=s.outgoing)
+        if check is not None and check.action == posting.DISCARD:
+            log.info("list {ml}: post dropped: {why}", ml=ml.address, why=check.reason)
+            outcome.dropped = check.reason
+            return outcome
+        subject = (replies.raw_header(msg, "Subject") or "")[:200]
+        if check is not None:
+            if not spam:
+                text = f"Your message to {ml.address} was not distributed: {check.reason}.\n"
+                if check.command == "subscribe":
+                    text += ("\nTo join the list, send any mail to "
+                             f"{addresses.list_address(ml.name, domain, addresses.SUBSCRIBE)}.\n")
+                elif check.command in ("unsubscribe", "set"):
+                    text += ("\nTo leave the list, send any mail to "
+                             f"{addresses.list_address(ml.name, domain, addresses.UNSUBSCRIBE)}"
+                             ".\nOther commands go to "
+                             f"{addresses.list_address(ml.name, domain, addresses.REQUEST)}.\n")
+                self._mail(s, ml, [author], f"Not distributed: {subject}"[:200], text,
+                           auto="auto-replied")
+            outcome.dropped = check.reason
+            return outcome
+        decision = await self._decide(s, ml, "send", author, auth_method)
+        action = decision.action
+        quiet = decision.quiet or spam
+        log.info("list {ml}: post from {author} ({method}): {action} ({rule})", ml=ml.address,
+                 author=author, method=auth_method, action=action, rule=decision.rule)
+        if action == "do_it":
+            await self._hand_over(ml, raw, author)
+            if decision.notify:
+                self._to_owners_later(s, ml, f"{author} posted to {ml.address}: {subject}")
+        elif action == "request_auth":
+            token = tokens.new_token()
+            await self.store.hold(ml.address, tokens.POST, tokens.hash_token(token),
+                                  s.now + self.lifetimes.of(tokens.POST), now=s.now,
+                                  target=author, requester=author, subject=subject,
+                                  message=raw)
+            robot = self.robot_address(domain)
+            text = (f"A message was sent to {ml.address} in your name"
+                    + (f" ({subject})" if subject else "") + ".\n\n"
+                    "To have it distributed, reply to this mail, or send to "
+                    f"{robot}:\n\n  CONFIRM {token}\n\n"
+                    "If you did not send it, ignore this mail: nothing will be distributed.\n")
+            self._mail(s, ml, [author], f"CONFIRM {token}", text,
+                       reply_to=addresses.confirm_address(ml.name, domain, token), attach=raw)
+        elif action in ("editorkey", "editor"):
+            await self._hold_for_moderation(s, ml, raw, author, subject, attach=not spam)
+            if not quiet:
+                self._mail(s, ml, [author], f"Awaiting moderation: {subject}"[:200],
+                           f"Your message to {ml.address}"
+                           + (f" ({subject})" if subject else "")
+                           + " awaits the list's moderators.\n", auto="auto-replied")
+        elif action == "reject":
+            if decision.error:
+                self._alert(s, f"{ml.address}: the send scenario failed: {decision.error}")
+            if not quiet:
+                text = REASONS.get(decision.reason or "", DEFAULT_REASON)
+                self._mail(s, ml, [author], f"Not distributed: {subject}"[:200],
+                           f"Your message to {ml.address} was not distributed.\n{text}\n",
+                           auto="auto-replied")
+            outcome.dropped = f"refused by the send scenario ({decision.reason or 'deny'})"
+        else:
+            self._alert(s, f"{ml.address}: the send scenario decided {action}, "
+                           "which a post cannot do; the post was not distributed.")
+            outcome.dropped = f"send decided {action}"
+        return outcome
 
     def robot_address(self, domain):
         return addresses.robot_address(domain, self.robot_name)
@@ -734,7 +827,7 @@ class CommandRobot:
         # Keys are stored hashed: they are in the moderation mails, not here.
         s.results.add(DONE, cmd.line, lines[0], "\n  ".join(lines[1:]) or "-")
 
-    async def _hold_for_moderation(self, s, ml, data, author, subject):
+    async def _hold_for_moderation(self, s, ml, data, author, subject, attach=True):
         """Hold a post with a key and mail the moderators (else owners, else listmasters)."""
         key = tokens.new_token()
         await self.store.hold(ml.address, tokens.MODERATION, tokens.hash_token(key),
@@ -751,7 +844,8 @@ class CommandRobot:
                 f" ({len(waiting)} waiting).\nSubject: {subject}\n\n"
                 f"To distribute it, send to {robot}:\n\n  DISTRIBUTE {ml.name} {key}\n\n"
                 f"To reject it:\n\n  REJECT {ml.name} {key} [reason]\n")
-        self._mail(s, ml, mods, f"Moderation: {ml.name}", text, attach=data)
+        # A spam-tagged post is not put in front of the moderators (3.3).
+        self._mail(s, ml, mods, f"Moderation: {ml.name}", text, attach=data if attach else None)
         return key
 
     # -- other list commands ---------------------------------------------------------------
@@ -769,7 +863,14 @@ class CommandRobot:
             if allowed is not None and cmd.mode not in allowed:
                 s.results.add(REFUSED, line, f"{ml.name} does not offer {cmd.mode.upper()}.")
                 return
-            await self.store.set_member(ml.address, s.sender, mode=cmd.mode)
+            if member.disabled_since and cmd.mode != "nomail":
+                # The member says the address works again: delivery resumes
+                # with a clean bounce record (lists.md 4.7).
+                await self.store.set_member(ml.address, s.sender, mode=cmd.mode,
+                                            bounce_score=0.0, disabled_since=0.0,
+                                            bounce_notices=0)
+            else:
+                await self.store.set_member(ml.address, s.sender, mode=cmd.mode)
         s.results.add(DONE, line, f"Your setting on {ml.name} is now {cmd.mode.upper()}.")
 
     async def _every_list(self, s, cmd):
@@ -946,7 +1047,8 @@ class CommandRobot:
         self._mail(s, ml, [to], f"AUTH {token} {action}", text,
                    reply_to=addresses.confirm_address(ml.name, s.domain, token))
 
-    def _mail(self, s, ml, to, subject, text, reply_to=None, attach=None):
+    def _mail(self, s, ml, to, subject, text, reply_to=None, attach=None,
+              auto="auto-generated"):
         """A notice about list ``ml``: from the robot, envelope LIST-bounces."""
         robot = self.robot_address(s.domain)
         msg = EmailMessage()
@@ -957,7 +1059,7 @@ class CommandRobot:
         msg["Message-ID"] = email.utils.make_msgid(domain=s.domain)
         if reply_to:
             msg["Reply-To"] = reply_to
-        msg["Auto-Submitted"] = "auto-generated"
+        msg["Auto-Submitted"] = auto
         msg["X-Loop"] = robot
         msg["X-Auto-Response-Suppress"] = "All"
         msg.set_content(text, charset="utf-8")

@@ -17,6 +17,7 @@ the attempt slots, and never delays a new message.
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 from twisted.application.service import Service
 from twisted.internet import defer, threads
@@ -46,6 +47,18 @@ class _Lane:
         return self.waiting and self.active < self.slots
 
 
+class SenderView:
+    """A queued message as seen by one transaction with another envelope sender
+    (a list member's VERP address); everything else is the message's own."""
+
+    def __init__(self, qmsg, sender):
+        self._qmsg = qmsg
+        self.envelope = dataclasses.replace(qmsg.envelope, sender=sender, senders=[])
+
+    def __getattr__(self, name):
+        return getattr(self._qmsg, name)
+
+
 @implementer(IQueueControl)
 class QueueManager(Service):
     """Schedules and performs deliveries of spooled messages."""
@@ -53,13 +66,15 @@ class QueueManager(Service):
     log = Logger()
 
     def __init__(self, reactor, config, spool, router, local_agent, remote_agent=None,
-                 concurrency=None, retry_concurrency=None, local_concurrency=2):
+                 concurrency=None, retry_concurrency=None, local_concurrency=2,
+                 list_agent=None):
         self.reactor = reactor
         self.config = config
         self.spool = spool
         self.router = router
         self.local_agent = local_agent
         self.remote_agent = remote_agent
+        self.list_agent = list_agent
         dl = config.delivery
         self.fresh = _Lane("fresh", concurrency or dl.concurrency)
         self.retries = _Lane("retry", retry_concurrency or dl.retry_concurrency)
@@ -349,7 +364,7 @@ class QueueManager(Service):
                 if result.status == SENT:
                     done(f"{idx}:{target.key}")
                     handled.add(target.key)
-                    if target.kind == "local":
+                    if target.kind in ("local", "list"):
                         successes.append((idx, target.address, result, "delivered"))
                     elif not result.dsn_passed_on:
                         successes.append((idx, target.address, result, "relayed"))
@@ -357,7 +372,7 @@ class QueueManager(Service):
                     owed.append(f"{idx}:{target.key}")
                     handled.add(target.key)
                     failures.append((idx, target.address, result))
-                elif target.kind == "local":
+                elif target.kind in ("local", "list"):
                     local_failed = True
                 else:
                     remote_waiting = True
@@ -480,15 +495,25 @@ class QueueManager(Service):
         remote_ds = [self._deliver_domain(qmsg, domain, group, results)
                      for domain, group in by_domain.items()]
         for key, (target, idxs) in owners.items():
-            if target.kind != "local":
+            if target.kind == "list":
+                result = yield self._deliver_list(qmsg, target)
+            elif target.kind == "local":
+                result = yield self._local_slots.run(self._deliver_local, qmsg, idxs[0],
+                                                     target)
+            else:
                 continue
-            result = yield self._local_slots.run(self._deliver_local, qmsg, idxs[0], target)
             results[key] = result
             for idx in idxs:
                 self._log_status(qmsg, target.address, env.recipients[idx], result)
         if remote_ds:
             yield defer.DeferredList(remote_ds, consumeErrors=True)
         return results
+
+    def _deliver_list(self, qmsg, target):
+        if self.list_agent is None:
+            return defer.succeed(RecipientResult(DEFERRED, "4.3.0",
+                                                 "4.3.0 the list server is not running"))
+        return self.list_agent.deliver(qmsg, target)
 
     @defer.inlineCallbacks
     def _deliver_local(self, qmsg, idx, target):
@@ -514,17 +539,26 @@ class QueueManager(Service):
             outcome = {n: RecipientResult(DEFERRED, "4.4.0", "4.4.0 remote delivery is "
                                           "not enabled") for n in range(len(group))}
         else:
-            rcpts = [RemoteRecipient(idx=n, address=target.address,
-                                     notify=env.notify_of(idxs[0]),
-                                     orcpt=env.orcpt_of(idxs[0]))
-                     for n, (key, target, idxs) in enumerate(group)]
-            try:
-                outcome = yield self.remote_agent.deliver(qmsg, domain, rcpts)
-            except Exception as e:
-                self.log.failure("{qid}: remote delivery to {domain} crashed", qid=qmsg.qid,
-                                 domain=domain)
-                outcome = {}
-                missing = RecipientResult(DEFERRED, "4.3.0", f"4.3.0 delivery failed: {e}")
+            # Copies with their own envelope sender (a list's VERP) go in
+            # transactions of their own, one per sender, all at once: the
+            # agent's per-domain slots and connection cache pace them.
+            by_sender = {}
+            for n, (key, target, idxs) in enumerate(group):
+                by_sender.setdefault(env.sender_of(idxs[0]), []).append(RemoteRecipient(
+                    idx=n, address=target.address, notify=env.notify_of(idxs[0]),
+                    orcpt=env.orcpt_of(idxs[0])))
+            outcome = {}
+            sends = [self.remote_agent.deliver(
+                qmsg if sender == env.sender else SenderView(qmsg, sender), domain, rcpts)
+                for sender, rcpts in by_sender.items()]
+            for ok, answer in (yield defer.DeferredList(sends, consumeErrors=True)):
+                if ok:
+                    outcome.update(answer)
+                else:
+                    self.log.failure("{qid}: remote delivery to {domain} crashed", answer,
+                                     qid=qmsg.qid, domain=domain)
+                    missing = RecipientResult(DEFERRED, "4.3.0", "4.3.0 delivery failed: "
+                                              + answer.getErrorMessage())
         for n, (key, target, idxs) in enumerate(group):
             result = outcome.get(n) or missing
             results[key] = result

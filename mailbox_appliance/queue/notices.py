@@ -49,25 +49,39 @@ class Notices:
         queue (or at once when nobody is to be told).
         """
         env = qmsg.envelope
-        entries = []
+        owed = []                   # (idx, DSNRecipient)
         for idx, address, result in failures:
             if wants(env.notify_of(idx), "FAILURE"):
-                entries.append(self._entry(env, idx, address, result, "failed", now))
+                owed.append((idx, self._entry(env, idx, address, result, "failed", now)))
         for idx, address, result in delays:
             if wants(env.notify_of(idx), "DELAY"):
-                entries.append(self._entry(env, idx, address, result, "delayed", now,
-                                           will_retry_until))
+                owed.append((idx, self._entry(env, idx, address, result, "delayed", now,
+                                              will_retry_until)))
         for idx, address, result, action in successes:
             if "SUCCESS" in env.notify_of(idx).upper().split(","):
-                entries.append(self._entry(env, idx, address, result, action, now))
-        if not entries:
+                owed.append((idx, self._entry(env, idx, address, result, action, now)))
+        if not owed:
             return None
-        postmaster_copy = False
         if env.notice == "postmaster":
             mail_event(self.log, f"{qmsg.qid}: postmaster notice undeliverable, dropped",
                        qid=qmsg.qid)
             return None
-        if not env.sender:
+        # Copies sent with their own envelope sender (a list's VERP) are
+        # reported to that sender: one notice per sender.
+        groups = {}
+        for idx, entry in owed:
+            groups.setdefault(env.sender_of(idx), []).append(entry)
+        queued = None
+        for sender, entries in groups.items():
+            notice = yield self._report_to(qmsg, sender, entries, now)
+            queued = queued or notice
+        return queued
+
+    @defer.inlineCallbacks
+    def _report_to(self, qmsg, sender, entries, now):
+        env = qmsg.envelope
+        postmaster_copy = False
+        if not sender:
             # RFC 5321 4.5.5: never to the null sender. A failure is told to
             # the postmaster, once (that copy is not reported on again).
             entries = [e for e in entries if e.action == "failed"]
@@ -75,7 +89,7 @@ class Notices:
                 return None
             to, notice, postmaster_copy = self.postmaster, "postmaster", True
         else:
-            to, notice = env.sender, "dsn"
+            to, notice = sender, "dsn"
         original = yield self._original(qmsg)
         data = build_dsn(hostname=self.hostname, qid=qmsg.qid, envelope=env,
                          recipients=entries, original=original, now=now, to=to,

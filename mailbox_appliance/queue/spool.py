@@ -70,6 +70,10 @@ class Envelope:
     # The folder local delivery files the message into ("" = INBOX): "Junk"
     # when the content filters judged it spam without refusing it.
     folder: str = ""
+    # Per-recipient envelope senders (same order as ``recipients``; empty
+    # when every copy goes out with ``sender``): a list's distribution, whose
+    # copies each carry their member's VERP address, is one queue entry.
+    senders: list = field(default_factory=list)
 
     def to_json(self) -> bytes:
         d = self.__dict__
@@ -82,11 +86,17 @@ class Envelope:
             d = {k: v for k, v in d.items() if k != "eight_bit"}
         if not self.folder:
             d = {k: v for k, v in d.items() if k != "folder"}
+        if not self.senders:
+            d = {k: v for k, v in d.items() if k != "senders"}
         return json.dumps(d, ensure_ascii=True, separators=(",", ":")).encode()
 
     def notify_of(self, idx) -> str:
         """NOTIFY= of recipient ``idx`` ("" when the client gave none)."""
         return self.notify[idx] if idx < len(self.notify) else ""
+
+    def sender_of(self, idx) -> str:
+        """The envelope sender of recipient ``idx``'s copy (VERP, else ``sender``)."""
+        return (self.senders[idx] or self.sender) if idx < len(self.senders) else self.sender
 
     def orcpt_of(self, idx) -> str:
         """ORCPT= of recipient ``idx`` ("" when the client gave none)."""
@@ -102,7 +112,7 @@ class Envelope:
         # wrong type must make the file corrupt now, not crash each attempt.
         texts = (env.sender, env.client_ip, env.helo, env.protocol, env.auth, env.ret,
                  env.envid, env.notice)
-        lists = (env.recipients, env.notify, env.orcpt)
+        lists = (env.recipients, env.notify, env.orcpt, env.senders)
         if not all(isinstance(t, str) for t in texts) or \
                 not all(isinstance(l, list) and all(isinstance(r, str) for r in l)
                         for l in lists) or \

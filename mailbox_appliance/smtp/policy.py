@@ -171,14 +171,23 @@ class RecipientExists:
     stages = frozenset({"rcpt"})
     log = Logger()
 
-    def __init__(self, directory, domains):
+    def __init__(self, directory, domains, lists=None):
         self.directory = directory
         self.domains = frozenset(d.lower() for d in domains)
+        # The list server: its addresses exist; anything else at a list
+        # domain must be a directory user (else 550 5.1.1, never a bounce).
+        self.lists = lists
 
     def check(self, stage, session, path):
         if path.domain not in self.domains:
             return None
+        if self.lists is not None and self.lists.is_list_domain(path.domain):
+            def classified(where):
+                return None if where is not None else self._lookup(path)
+            return self.lists.classify(f"{path.local}@{path.domain}").addCallback(classified)
+        return self._lookup(path)
 
+    def _lookup(self, path):
         def answered(resolution):
             if not resolution.known:
                 return Verdict(550, "5.1.1", f"<{path.address}>: Recipient address rejected: "

@@ -337,14 +337,14 @@ class FromHeaderMatch:
         return None
 
 
-def submission_policy(config, directory, domains) -> PolicyChain:
+def submission_policy(config, directory, domains, lists=None) -> PolicyChain:
     """The checks of the submission ports, in order."""
     chain = PolicyChain([AuthenticationRequired()])
     if config.submission.sender_login_match:
         chain.add(SenderLoginMatch())
     # Authenticated users relay anywhere; RelayAccess still refuses routing
     # tricks in local parts, and our own recipients must exist.
-    for check in (RelayAccess(domains), RecipientExists(directory, domains),
+    for check in (RelayAccess(domains), RecipientExists(directory, domains, lists=lists),
                   HopCount(config.smtp.max_received_headers)):
         chain.add(check)
     if config.submission.from_header_match:

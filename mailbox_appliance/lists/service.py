@@ -1,0 +1,486 @@
+"""The list server as the queue sees it: the delivery agent of list addresses.
+
+The router asks ``classify`` whether a recipient is a list address (the robot,
+``LIST@``, ``LIST-request@``, ... at a list domain) and hands such a recipient
+to ``deliver`` as a target of kind "list". What the mail is for decides where
+it goes:
+
+* commands (robot, ``-request``, ``-subscribe``, ``-unsubscribe``,
+  ``-confirm+TOKEN``) to the ``CommandRobot``;
+* a post to ``LIST@`` through ``CommandRobot.post`` (input checks, the
+  ``send`` scenario) and, when it may go out, to ``distribute``;
+* ``-owner``, ``-editor`` and ``listmaster`` forwarded to the people behind
+  them with an ``X-Loop`` field, never twice through the same address;
+* ``-bounces+TAG`` to the bounce scoring of the member the HMAC-checked
+  tag names (lists.md 4.7); other mail there is only logged.
+
+``distribute`` writes ONE queue entry per post: the prepared copy, every
+member who takes single copies as a recipient, and for each its own VERP
+envelope sender ``LIST-bounces+TAG@domain`` (``Envelope.senders``), so the
+queue sends one transaction per member and a bounce names the member.
+
+Whatever the list server sends (replies, confirmations, notices, the
+distribution) is committed to the spool before the mail that caused it counts
+as delivered: a crash in between repeats the work, it never loses it.
+"""
+
+from __future__ import annotations
+
+import collections
+import email
+import email.policy
+import email.utils
+import os
+import re
+
+from twisted.application.service import Service
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailbox_appliance.delivery.result import DEFERRED, SENT, RecipientResult
+from mailbox_appliance.interfaces import IListAgent
+from mailbox_appliance.lists import addresses, bounces, posting
+from mailbox_appliance.lists.robot import CommandRobot
+from mailbox_appliance.lists.scenario import ScenarioLibrary
+from mailbox_appliance.maillog import mail_event
+from mailbox_appliance.queue.spool import Envelope
+
+KEY_FILE = "verp.key"
+KEY_BYTES = 32
+NAMES_TTL = 2.0             # seconds a domain's list names are trusted before re-reading
+MAX_READ = 64 * 1024 * 1024  # the queue's own bound is lower; this only guards memory
+PAGE = 1000                 # members read at a time while distributing
+MAX_SEQUENCES = 1000        # distributions whose bounce counts are kept for the mass-bounce guard
+REVIEW_EVERY = 3600.0       # how often disabled members are looked at (notices, removal)
+# Delivery modes that take single copies (the digest of 4.8 will take "digest").
+SINGLE_COPY_MODES = frozenset({"mail", "not_me", "txt", "html", "urlize"})
+
+_DKIM_PASS = re.compile(r"\bdkim=pass\b[^;]*?\bheader\.d=([A-Za-z0-9.-]+)", re.I)
+
+
+def load_key(data_dir) -> bytes:
+    """The VERP HMAC key of this appliance (``data_dir/lists/verp.key``), made on first use.
+
+    Kept across restarts so that bounces of copies sent before a restart are
+    still recognised; 0600 because whoever has it can forge bounce tags.
+    """
+    folder = os.path.join(data_dir, "lists")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    path = os.path.join(folder, KEY_FILE)
+    try:
+        with open(path, "rb") as f:
+            key = f.read()
+        if len(key) >= 16:
+            return key
+    except FileNotFoundError:
+        pass
+    key = os.urandom(KEY_BYTES)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, key)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return key
+
+
+def auth_method_of(msg, envelope, hostname, trust_results, from_match):
+    """The scenario auth level a message earned: "dkim" or "smtp" (lists.md 2.3).
+
+    "dkim": a DKIM signature of the From: domain (or its parent) verified by
+    us, as our own Authentication-Results field says (trusted only when the
+    content scan runs, since it removes forged ones); or mail submitted by a
+    logged-in user whose From: the submission port checks.
+    """
+    if envelope.auth and from_match:
+        return "dkim"
+    if not trust_results:
+        return "smtp"
+    frm = email.utils.parseaddr(str(msg.get("From", "")))[1].lower()
+    domain = frm.rpartition("@")[2]
+    if not domain:
+        return "smtp"
+    for value in msg.get_all("Authentication-Results") or ():
+        text = " ".join(str(value).split())
+        if text.split(";", 1)[0].split(" ", 1)[0].lower() != hostname.lower():
+            continue
+        for m in _DKIM_PASS.finditer(text):
+            d = m.group(1).lower().rstrip(".")
+            if domain == d or domain.endswith("." + d):
+                return "dkim"
+    return "smtp"
+
+
+@implementer(IListAgent)
+class ListService(Service):
+    """The list server: classifies list addresses and takes the mail sent to them.
+
+    ``store`` an ``IListStore``; ``spool`` where outgoing mail is committed and
+    ``submit(qmsg)`` (the queue manager's, set once it exists) schedules it.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, config, store, spool, submit=None, key=None):
+        self.reactor = reactor
+        self.config = config
+        self.store = store
+        self.spool = spool
+        self.submit = submit
+        self.hostname = config.server.hostname
+        self.domains = frozenset(config.lists.list_domains(config.server))
+        self.robot_name = config.lists.robot
+        self.key = key if key is not None else load_key(config.server.data_dir)
+        self.postmaster = (config.delivery.postmaster
+                           or f"postmaster@{config.server.domains[0]}")
+        self.listmasters = tuple(a.lower() for a in config.lists.listmasters)
+        self.trust_results = config.antispam.content.enabled
+        self.from_match = config.submission.from_header_match
+        self.library = ScenarioLibrary()
+        self.robot = CommandRobot(store, self.library, reactor, robot_name=self.robot_name,
+                                  listmasters=self.listmasters or (self.postmaster,),
+                                  distribute=self.distribute, own_address=self.is_own)
+        self.seen_posts = {}            # list address -> RecentMessageIds (7 days)
+        self._names = {}                # domain -> (until, frozenset of list names)
+        self._sent = collections.OrderedDict()   # (list, sequence) -> [copies, bounced, warned]
+        self._review = None
+
+    def startService(self):
+        super().startService()
+        self._review = task.LoopingCall(self.review_disabled)
+        self._review.clock = self.reactor
+        self._review.start(REVIEW_EVERY, now=False).addErrback(
+            lambda f: self.log.failure("list bounce review stopped", f))
+
+    def stopService(self):
+        super().stopService()
+        if self._review is not None and self._review.running:
+            self._review.stop()
+
+    # -- what an address is ----------------------------------------------------------------
+
+    def is_list_domain(self, domain) -> bool:
+        return domain.lower().rstrip(".") in self.domains
+
+    def list_names(self, domain):
+        """The names of the lists at ``domain`` (a Deferred), read again every few seconds:
+        lists are made and removed by the admin command in another process."""
+        domain = domain.lower()
+        now = self.reactor.seconds()
+        cached = self._names.get(domain)
+        if cached is not None and cached[0] > now:
+            return defer.succeed(cached[1])
+
+        def got(lists):
+            names = frozenset(ml.name for ml in lists)
+            self._names[domain] = (self.reactor.seconds() + NAMES_TTL, names)
+            return names
+        return self.store.all_lists(domain).addCallback(got)
+
+    def forget_names(self):
+        self._names.clear()
+
+    def classify(self, address):
+        """A Deferred firing with the ``ListAddress`` of ``address``, or None when it is
+        not a list address (also for every domain that is not a list domain)."""
+        local, _, domain = address.rpartition("@")
+        if not local or not self.is_list_domain(domain):
+            return defer.succeed(None)
+        if local.lower() in (self.robot_name, "listmaster"):
+            return defer.succeed(addresses.classify(local, domain, (), self.robot_name))
+        return self.list_names(domain).addCallback(
+            lambda names: addresses.classify(local, domain, names, self.robot_name))
+
+    def is_own(self, address) -> bool:
+        """Whether mail from ``address`` comes from the list server itself (a loop)."""
+        local, _, domain = (address or "").lower().rpartition("@")
+        if not self.is_list_domain(domain):
+            return False
+        cached = self._names.get(domain)
+        names = cached[1] if cached else ()
+        return addresses.classify(local, domain, names, self.robot_name) is not None
+
+    # -- IListAgent ----------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def deliver(self, qmsg, target):
+        """Take the mail for one list address (``target.user`` is its ``ListAddress``);
+        fires with a RecipientResult (deferred when anything failed: tried again)."""
+        where = target.user
+        try:
+            raw = yield self._read(qmsg)
+            kind = where.kind
+            if kind == addresses.POST:
+                yield self._post(qmsg, raw, where)
+            elif kind in (addresses.ROBOT, addresses.REQUEST, addresses.SUBSCRIBE,
+                          addresses.UNSUBSCRIBE, addresses.CONFIRM):
+                yield self._command(qmsg, raw, where)
+            elif kind in (addresses.OWNER, addresses.EDITOR, addresses.LISTMASTER):
+                yield self._forward(qmsg, raw, where)
+            elif kind == addresses.BOUNCES:
+                yield self._bounce(qmsg, raw, where)
+        except Exception as e:
+            self.log.failure("{qid}: list mail to <{to}> failed", qid=qmsg.qid,
+                             to=target.address)
+            return RecipientResult(DEFERRED, "4.3.0", f"4.3.0 list server failed: {e}")
+        return RecipientResult(SENT, "2.0.0", "delivered to the list server")
+
+    def _read(self, qmsg):
+        if qmsg.data is not None:
+            return defer.succeed(qmsg.data)
+
+        def read():
+            with open(qmsg.path, "rb") as f:
+                f.seek(qmsg.body_offset)
+                return f.read(MAX_READ)
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), read)
+
+    def _parse(self, raw):
+        return email.message_from_bytes(raw, policy=email.policy.default)
+
+    def _spam(self, qmsg, msg):
+        return qmsg.envelope.folder == "Junk" or (
+            self.trust_results and str(msg.get("X-Spam-Flag", "")).strip().upper() == "YES")
+
+    @defer.inlineCallbacks
+    def _command(self, qmsg, raw, where):
+        msg = self._parse(raw)
+        env = qmsg.envelope
+        outcome = yield self.robot.handle(
+            msg, env.sender, where.kind, where.domain, list_name=where.list_name,
+            token=where.token, spam=self._spam(qmsg, msg),
+            auth_method=auth_method_of(msg, env, self.hostname, self.trust_results,
+                                       self.from_match))
+        if outcome.dropped:
+            mail_event(self.log, f"{qmsg.qid}: list robot dropped the mail: {outcome.dropped}",
+                       qid=qmsg.qid)
+        yield self._queue_all(qmsg, outcome.outgoing)
+
+    @defer.inlineCallbacks
+    def _post(self, qmsg, raw, where):
+        msg = self._parse(raw)
+        env = qmsg.envelope
+        seen = self.seen_posts.get(where.list_address)
+        if seen is None:
+            from mailbox_appliance.lists.replies import RecentMessageIds
+            seen = self.seen_posts[where.list_address] = RecentMessageIds(
+                self.reactor.seconds, window=7 * 86400.0, max_ids=20000)
+        outcome = yield self.robot.post(
+            raw, msg, env.sender, where.list_name, where.domain,
+            auth_method=auth_method_of(msg, env, self.hostname, self.trust_results,
+                                       self.from_match),
+            spam=self._spam(qmsg, msg), seen_message_id=seen.seen)
+        if outcome.dropped:
+            mail_event(self.log, f"{qmsg.qid}: post to {where.list_address} not distributed: "
+                                 f"{outcome.dropped}", qid=qmsg.qid)
+        yield self._queue_all(qmsg, outcome.outgoing)
+
+    @defer.inlineCallbacks
+    def _queue_all(self, qmsg, outgoing):
+        for sender, rcpts, data in outgoing:
+            yield self.queue_mail(sender, rcpts, data)
+
+    @defer.inlineCallbacks
+    def queue_mail(self, sender, recipients, data, senders=()):
+        """Commit one message to the spool and schedule it; fires with its QueuedMessage."""
+        env = Envelope(sender=sender, recipients=list(recipients),
+                       arrival=self.reactor.seconds(), protocol="local",
+                       senders=list(senders))
+        inc = self.spool.new_message(env)
+        inc.write_header()
+        inc.write(data)
+        queued = yield self.spool.commit(inc)
+        if self.submit is not None:
+            self.submit(queued)
+        return queued
+
+    # -- distribution (lists.md 4.3-4.5, 4.7) ----------------------------------------------
+
+    @defer.inlineCallbacks
+    def distribute(self, list_address, data, sender):
+        """Queue one post to every member taking single copies, each with its VERP sender."""
+        ml = yield self.store.get_list(list_address)
+        if ml is None:
+            raise ValueError(f"no list {list_address}")
+        settings = ml.settings
+        scenarios = settings.get("scenarios") or {}
+        copy = posting.prepare_post(
+            data, ml.name, ml.domain, robot=self.robot_name, description=ml.subject,
+            subject_tag=settings.get("subject_tag", ""), footer=settings.get("footer", ""),
+            announce=scenarios.get("send", "") in ("editorkeyonly", "owner"),
+            hostname=self.hostname)
+        sequence = yield self.store.next_post(ml.address)
+        rcpts, senders = [], []
+        after = ""
+        author = (sender or "").lower()
+        while True:
+            page = yield self.store.members(ml.address, limit=PAGE, after=after)
+            if not page:
+                break
+            for m in page:
+                if m.disabled_since or m.mode not in SINGLE_COPY_MODES:
+                    continue
+                if m.mode == "not_me" and m.address == author:
+                    continue
+                rcpts.append(m.address)
+                senders.append(addresses.verp_sender(ml.name, ml.domain, m.id, sequence,
+                                                     self.key))
+            after = page[-1].address
+            if len(page) < PAGE:
+                break
+        if not rcpts:
+            self.log.info("list {ml}: post #{n} has nobody to go to", ml=ml.address, n=sequence)
+            return None
+        bounce_address = addresses.list_address(ml.name, ml.domain, addresses.BOUNCES)
+        queued = yield self.queue_mail(bounce_address, rcpts, copy, senders)
+        self._sent[(ml.address, sequence)] = [len(rcpts), 0, False]
+        while len(self._sent) > MAX_SEQUENCES:
+            self._sent.popitem(last=False)
+        mail_event(self.log, f"{queued.qid}: list {ml.address} post #{sequence} from "
+                             f"<{sender}> to {len(rcpts)} members", qid=queued.qid)
+        return queued
+
+    # -- owners, moderators, listmasters ---------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _forward(self, qmsg, raw, where):
+        if where.kind == addresses.LISTMASTER:
+            via = f"listmaster@{where.domain}"
+            to = list(self.listmasters) or [self.postmaster]
+            bounce_to = addresses.robot_address(where.domain, self.robot_name)
+        else:
+            via = addresses.list_address(where.list_name, where.domain, where.kind)
+            to = []
+            if where.kind == addresses.EDITOR:
+                to = [a for a, _ in (yield self.store.role_holders(where.list_address,
+                                                                   "moderator"))]
+            if not to:
+                to = [a for a, _ in (yield self.store.role_holders(where.list_address,
+                                                                   "owner"))]
+            if not to:
+                to = list(self.listmasters) or [self.postmaster]
+            bounce_to = addresses.list_address(where.list_name, where.domain,
+                                               addresses.BOUNCES)
+        msg = self._parse(raw)
+        loops = [str(v).lower() for v in msg.get_all("X-Loop") or ()]
+        if any(via in v for v in loops):
+            mail_event(self.log, f"{qmsg.qid}: mail to <{via}> dropped: it went through "
+                                 "there before (X-Loop)", qid=qmsg.qid)
+            return
+        if not qmsg.envelope.sender and where.kind != addresses.LISTMASTER:
+            # A bounce or notice to -owner: the owners would only get noise.
+            mail_event(self.log, f"{qmsg.qid}: mail from the null sender to <{via}> "
+                                 "dropped", qid=qmsg.qid)
+            return
+        yield self.queue_mail(bounce_to, to, f"X-Loop: {via}\r\n".encode() + raw)
+        mail_event(self.log, f"{qmsg.qid}: forwarded to {len(to)} address(es) of <{via}>",
+                   qid=qmsg.qid)
+
+    # -- bounces (lists.md 4.7) ------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def _bounce(self, qmsg, raw, where):
+        found = addresses.verify_bounce_recipient(where, self.key)
+        if found is None:
+            mail_event(self.log, f"{qmsg.qid}: bounce to {where.list_address}-bounces "
+                                 f"without a valid tag, ignored", qid=qmsg.qid)
+            return
+        member_id, sequence = found
+        member = yield self.store.member_by_id(where.list_address, member_id)
+        if member is None:
+            mail_event(self.log, f"{qmsg.qid}: bounce for a former member of "
+                                 f"{where.list_address}, ignored", qid=qmsg.qid)
+            return
+        statuses = bounces.dsn_statuses(raw)
+        status = statuses[0] if statuses else None
+        if status is not None and status.startswith("2."):
+            return
+        sent = self._sent.get((where.list_address, sequence))
+        if sent is not None:
+            sent[1] += 1
+            if bounces.mass_bounce(sent[1], sent[0]) and sent[0] >= 10:
+                if not sent[2]:
+                    sent[2] = True
+                    yield self._tell_owners(
+                        where, f"Many copies of post #{sequence} to {where.list_address} "
+                               "bounced: a reputation or DNS problem rather than dead "
+                               "addresses. These bounces are not scored.")
+                mail_event(self.log, f"{qmsg.qid}: bounce of {member.address} not scored "
+                                     "(mass bounce)", qid=qmsg.qid)
+                return
+        now = self.reactor.seconds()
+        state = bounces.BounceState(member.bounce_score, member.last_bounce,
+                                    member.disabled_since)
+        new, action = bounces.score(state, status, now)
+        if new != state:
+            yield self.store.set_member(where.list_address, member.address,
+                                        bounce_score=new.score, last_bounce=new.last_bounce,
+                                        disabled_since=new.disabled_since)
+        mail_event(self.log, f"{qmsg.qid}: bounce from {member.address} on "
+                             f"{where.list_address} ({status or 'no status'}): score "
+                             f"{new.score:g}", qid=qmsg.qid)
+        if action == bounces.DISABLE:
+            yield self._tell_owners(
+                where, f"Delivery to {member.address} on {where.list_address} was disabled "
+                       f"after repeated bounces (score {new.score:g}, last status "
+                       f"{status or 'unknown'}). The member is removed after "
+                       f"{bounces.NOTICES} weekly notices unless it works again.")
+
+    def _notice(self, ml_address, to, subject, text):
+        name, _, domain = ml_address.partition("@")
+        robot = addresses.robot_address(domain, self.robot_name)
+        msg = email.message.EmailMessage()
+        msg["From"] = robot
+        msg["To"] = ", ".join(to)
+        msg["Subject"] = subject
+        msg["Date"] = email.utils.formatdate(self.reactor.seconds(), usegmt=True)
+        msg["Message-ID"] = email.utils.make_msgid(domain=domain)
+        msg["Auto-Submitted"] = "auto-generated"
+        msg["X-Loop"] = robot
+        msg.set_content(text + "\n", charset="utf-8")
+        data = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+        bounce_to = addresses.list_address(name, domain, addresses.BOUNCES)
+        return self.queue_mail(bounce_to, to, data)
+
+    @defer.inlineCallbacks
+    def _tell_owners(self, where, text):
+        owners = [a for a, _ in (yield self.store.role_holders(where.list_address, "owner"))]
+        to = owners or list(self.listmasters) or [self.postmaster]
+        yield self._notice(where.list_address, to, f"Bounces on {where.list_name}", text)
+
+    @defer.inlineCallbacks
+    def review_disabled(self):
+        """Weekly notices to disabled members, and their removal after the last one."""
+        now = self.reactor.seconds()
+        for ml in (yield self.store.all_lists()):
+            after = ""
+            while True:
+                page = yield self.store.members(ml.address, limit=PAGE, after=after)
+                for m in page:
+                    if not m.disabled_since:
+                        continue
+                    state = bounces.BounceState(m.bounce_score, m.last_bounce,
+                                                m.disabled_since)
+                    step = bounces.review(state, now, m.bounce_notices)
+                    if step == "notice":
+                        yield self._notice(
+                            ml.address, [m.address], f"Your membership of {ml.name}",
+                            f"Mail from {ml.address} to you has been bouncing, so it is not "
+                            "sent to you any more. To receive it again, send to "
+                            f"{addresses.robot_address(ml.domain, self.robot_name)}:\n\n"
+                            f"  SET {ml.name} MAIL\n\nOtherwise you are removed from the "
+                            "list after a few weeks.")
+                        yield self.store.set_member(ml.address, m.address,
+                                                    bounce_notices=m.bounce_notices + 1)
+                    elif step == "remove":
+                        yield self.store.remove_member(ml.address, m.address)
+                        yield self._tell_owners(
+                            addresses.classify(ml.name, ml.domain, {ml.name}, self.robot_name),
+                            f"{m.address} was removed from {ml.address} after its mail "
+                            "kept bouncing.")
+                if len(page) < PAGE:
+                    break
+                after = page[-1].address
