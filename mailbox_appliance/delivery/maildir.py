@@ -109,7 +109,9 @@ class MaildirDelivery:
                 # Not a name this appliance writes; the INBOX is never wrong.
                 folder = ""
         base = self.unique_name(qmsg, index, target_key)
-        d = self.worker.submit(self._write, qmsg, path, base, delivered_to, qmsg.recovered)
+        sender = qmsg.envelope.sender_of(index)
+        d = self.worker.submit(self._write, qmsg, path, base, delivered_to, qmsg.recovered,
+                               sender)
 
         def failed(f):
             if f.check(OSError):
@@ -122,13 +124,13 @@ class MaildirDelivery:
             return new
         return d.addCallbacks(written, failed)
 
-    def _write(self, qmsg, path, base, delivered_to, check_existing):
+    def _write(self, qmsg, path, base, delivered_to, check_existing, sender):
         try:
             if check_existing:
                 ensure_maildir(path)
                 if _already_delivered(path, base):
                     return False, None
-            head = (f"Return-Path: <{_one_line(qmsg.envelope.sender)}>\n"
+            head = (f"Return-Path: <{_one_line(sender)}>\n"
                     f"Delivered-To: {_one_line(delivered_to)}\n").encode("utf-8", "replace")
             tmp = os.path.join(path, "tmp", base)
             write = lambda fd: _copy_lf(qmsg, fd, head)
