@@ -340,6 +340,12 @@ class SignoffAndOwnerTests(RobotCase):
         self.assertEqual(results[5][2], ("No list named nosuchlist here.",))
         out = yield self.run_mail(mail(CAROL, "SET team DIGEST\n"))
         self.assertEqual(self.outcomes(out)[0][0], "Refused")
+        # Digests are not built yet: a member may not pick a mode that
+        # would silently stop their mail.
+        out = yield self.run_mail(mail(BOB, "SET team DIGEST\nSET team MAIL\n"))
+        self.assertEqual([r[0] for r in self.outcomes(out)], ["Refused", "Done"])
+        member = yield self.store.get_member(TEAM, BOB)
+        self.assertEqual(member.mode, "mail")
 
 
 class ModerationTests(RobotCase):

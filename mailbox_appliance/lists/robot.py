@@ -55,6 +55,11 @@ PAGE = 500                      # members read at a time
 MAX_MODINDEX = 200
 MAX_LISTED = 500                # lists named by LISTS / WHICH
 
+# Reception modes a list offers unless its settings say otherwise: digests
+# (DIGEST, DIGESTPLAIN, SUMMARY, NOTICE) wait for the digest builder, and a
+# member must not choose a mode that would silently stop their mail.
+OFFERED_MODES = ("mail", "nomail", "not_me")
+
 # Explanations of the reject reasons used by the shipped scenarios.
 REASONS = {
     "members_only": "Only members of the list may do this.",
@@ -859,8 +864,8 @@ class CommandRobot:
         if cmd.mode in ("conceal", "noconceal"):
             await self.store.set_member(ml.address, s.sender, concealed=cmd.mode == "conceal")
         else:
-            allowed = ml.settings.get("modes")
-            if allowed is not None and cmd.mode not in allowed:
+            allowed = ml.settings.get("modes") or OFFERED_MODES
+            if cmd.mode not in allowed:
                 s.results.add(REFUSED, line, f"{ml.name} does not offer {cmd.mode.upper()}.")
                 return
             if member.disabled_since and cmd.mode != "nomail":
@@ -944,7 +949,7 @@ class CommandRobot:
         scen = ml.settings.get("scenarios") or {}
         policy = ", ".join(f"{op}: {scen.get(op) or self.library.default_name(op)}"
                            for op in ("send", "subscribe", "unsubscribe", "review"))
-        modes = ml.settings.get("modes") or ["mail", "nomail", "digest"]
+        modes = ml.settings.get("modes") or list(OFFERED_MODES)
         s.results.add(DONE, cmd.line, f"{ml.address}: {ml.subject or '(no description)'}",
                       f"Rules: {policy}. Reception: {', '.join(modes)}. Contact: "
                       f"{addresses.list_address(ml.name, ml.domain, addresses.OWNER)}")
