@@ -222,6 +222,77 @@ class CommandTests(ListServerCase):
         [results] = self.wait_mail("bob", lambda m: "Done" in self.body(m))
         self.assertNotIn("Reply-To", results)
 
+    def test_owner_approval_and_decline(self):
+        """Cases 4 and 5: subscribe = owner; the owner accepts one request, declines another."""
+        self.app.stop()
+        self.cli("list", "create", f"club@{LDOM}", "--owner", f"olga@{DOM}",
+                 "--scenario", "subscribe=owner")
+        self.app.start()
+        self.send(f"dave@{DOM}", [f"lists@{LDOM}"],
+                  mail(f"dave@{DOM}", f"lists@{LDOM}", "", "SUB club Dave D"))
+        self.wait_mail("dave", lambda m: "forwarded to the list's owners" in self.body(m))
+        [ask] = self.wait_mail("olga", lambda m: self.subject(m).startswith("Approval asked"))
+        accept = re.search(r"AUTH [0-9a-f]{32} .*", self.body(ask)).group(0)
+        self.submit("olga", [f"lists@{LDOM}"], mail(f"olga@{DOM}", f"lists@{LDOM}", "", accept))
+        self.app.wait_for(lambda: f"dave@{DOM}" in self.members("club"), what="dave added")
+        self.assertEqual(self.members("club")[f"dave@{DOM}"]["name"], "Dave D")
+        self.send(f"eve@{DOM}", [f"lists@{LDOM}"],
+                  mail(f"eve@{DOM}", f"lists@{LDOM}", "", "SUB club"))
+        [ask] = self.wait_mail("olga", lambda m: f"eve@{DOM}" in self.subject(m))
+        token = re.search(r"DECLINE ([0-9a-f]{32})", self.body(ask)).group(1)
+        self.submit("olga", [f"lists@{LDOM}"], mail(f"olga@{DOM}", f"lists@{LDOM}", "",
+                                                     f"DECLINE {token} not staff"))
+        [told] = self.wait_mail("eve", lambda m: "declined" in self.subject(m))
+        self.assertIn("not staff", self.body(told))
+        self.assertNotIn(f"eve@{DOM}", self.members("club"))
+
+    def test_forged_owner_command_goes_to_the_real_owner(self):
+        """Case 23: ADD with a forged From olga over the MX: not done; olga is asked."""
+        self.send(f"olga@{DOM}", [f"lists@{LDOM}"],
+                  mail(f"olga@{DOM}", f"lists@{LDOM}", "", "ADD team evil@x.test",
+                       extra=(f"Reply-To: eve@{DOM}",)))
+        self.wait_mail("olga", lambda m: self.subject(m).startswith("AUTH "))
+        self.settle()
+        self.assertNotIn("evil@x.test", self.members())
+        self.assertEqual(self.inbox("eve"), [])
+
+    def test_review_owner_only_and_reply_to_ignored(self):
+        """Cases 24 and 25: REVIEW is for owners; a Reply-To never gets the answer."""
+        self.submit("bob", [f"lists@{LDOM}"],
+                    mail(f"bob@{DOM}", f"lists@{LDOM}", "", "REVIEW team",
+                         extra=(f"Reply-To: eve@{DOM}",)))
+        [refused] = self.wait_mail("bob", lambda m: "Refused" in self.body(m))
+        self.assertNotIn(f"alice@{DOM}", self.body(refused))
+        self.submit("olga", [f"lists@{LDOM}"],
+                    mail(f"olga@{DOM}", f"lists@{LDOM}", "", "REVIEW team"))
+        [review] = self.wait_mail("olga", lambda m: "Done" in self.body(m))
+        for member in (f"alice@{DOM}", f"bob@{DOM}", "zed@far.test"):
+            self.assertIn(member, self.body(review))
+        self.settle()
+        self.assertEqual(self.inbox("eve"), [])
+
+    def test_long_command_mail_and_injection(self):
+        """Cases 16 and 21: three commands then prose, one reply; no header injection."""
+        body = "WHICH\nINFO team\nLISTS\nHello, I would like to know more.\n" + \
+            "".join(f"prose line {i}\n" for i in range(496))
+        self.send(f"dave@{DOM}", [f"lists@{LDOM}"], mail(f"dave@{DOM}", f"lists@{LDOM}", "",
+                                                          body))
+        [reply] = self.wait_mail("dave")
+        text = self.body(reply)
+        for line in ("> WHICH", "> INFO team", "> LISTS",
+                     "> Hello, I would like to know more.\n  not understood",
+                     "496 lines ignored"):
+            self.assertIn(line, text)
+        injected = "=?utf-8?B?" + __import__("base64").b64encode(
+            b"SUB team X\r\nBcc: eve@example.test").decode() + "?="
+        self.send(f"bob@{DOM}", [f"lists@{LDOM}"],
+                  mail(f"bob@{DOM}", f"lists@{LDOM}", injected, ""))
+        [reply] = self.wait_mail("bob")
+        self.assertIsNone(reply["Bcc"])
+        self.settle()
+        self.assertEqual(self.inbox("eve"), [])
+        self.assertEqual(len(self.members()), 3)
+
 
 class PostTests(ListServerCase):
     """Posts: distribution with VERP, confirmation, refusal, loops."""
