@@ -44,6 +44,12 @@ def add_commands(sub, json_flag):
     c.add_argument("--subject", default="", help="what the list is about")
     c.add_argument("--scenario", action="append", default=[], metavar="OPERATION=NAME",
                    help="the list's scenario for an operation, e.g. send=private")
+    c.add_argument("--tag", default="", metavar="TEXT",
+                   help="subject tag of the copies, e.g. [team]")
+    c.add_argument("--footer", default="", metavar="TEXT",
+                   help="text added at the end of each copy (never to signed mail)")
+    c.add_argument("--max-size", type=int, default=0, metavar="BYTES",
+                   help="largest post taken (default 5 MiB)")
     for name, text in (("delete", "delete a list, its members and its held requests"),
                        ("show", "settings, owners, moderators, members and held requests"),
                        ("held", "the posts and requests waiting for a token")):
@@ -159,9 +165,18 @@ def do_create(args, cfg, conn):
         if not sl.address_ok(address):
             raise _Refused(f"not an address: {_shown(address)}")
 
+    settings = {"scenarios": scenarios} if scenarios else {}
+    if len(args.tag) > 50 or len(args.footer) > 4000 or args.max_size < 0 or \
+            any(not c.isprintable() for c in args.tag):
+        raise _Refused("--tag is at most 50 printable characters, --footer 4000, "
+                       "--max-size a number of bytes")
+    for key, value in (("subject_tag", args.tag), ("footer", args.footer.replace("\\n", "\n")),
+                       ("max_size", args.max_size)):
+        if value:
+            settings[key] = value
+
     def create(conn):
-        ml = sl.create_list(conn, args.list, subject=args.subject,
-                            settings={"scenarios": scenarios} if scenarios else {},
+        ml = sl.create_list(conn, args.list, subject=args.subject, settings=settings,
                             now=time.time(), robot=cfg.lists.robot)
         for address in args.owner:
             sl.add_role(conn, ml.address, address, "owner")
@@ -240,6 +255,8 @@ def do_show(args, cfg, conn):
              f"moderators:  {', '.join(doc['moderators']) or '(the owners)'}",
              "scenarios:   " + (", ".join(f"{k}={v}" for k, v in sorted(scenarios.items()))
                                 or "the defaults"),
+             f"tag:         {_shown(ml.settings.get('subject_tag', '')) or '-'}",
+             f"footer:      {'yes' if ml.settings.get('footer') else '-'}",
              f"posts:       {ml.post_sequence}",
              f"held:        {len(doc['held'])}",
              f"members:     {doc['member_count']}"]

@@ -72,6 +72,19 @@ class ListCLITests(unittest.TestCase):
         self.assertEqual(self.run_cli("delete", LIST), (0, f"{LIST}: deleted\n", ""))
         self.assertEqual(self.run_cli(), (0, "no lists\n", ""))
 
+    def test_tag_footer_and_size(self):
+        self.create("--tag", "[team]", "--footer", "Leave: team-unsubscribe@", "--max-size",
+                    "100000")
+        code, out, _ = self.run_cli("show", LIST, "--json")
+        settings = json.loads(out)["settings"]
+        self.assertEqual((settings["subject_tag"], settings["footer"], settings["max_size"]),
+                         ("[team]", "Leave: team-unsubscribe@", 100000))
+        self.assertIn("tag:         [team]\n", self.run_cli("show", LIST)[1])
+        code, _, err = self.run_cli("create", "other@lists.example.test", "--owner",
+                                    "o@example.test", "--tag", "x\r\nBcc: v@x")
+        self.assertEqual(code, 1)
+        self.assertIn("--tag is at most 50 printable characters", err)
+
     def test_refusals_change_nothing(self):
         cases = [
             (("create", "team@example.test", "--owner", "o@example.test"),

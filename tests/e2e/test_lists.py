@@ -26,6 +26,7 @@ from tests.imap_helpers import client_context
 
 DOM = "example.test"
 LDOM = "lists.example.test"
+FOOTER = "To leave the team, write to team-unsubscribe@lists.example.test"
 PEOPLE = ("alice", "bob", "dave", "eve", "olga", "mo")
 PASSWORD = "secret-{}"
 LDIF_HEAD = """\
@@ -89,7 +90,7 @@ class ListServerCase(unittest.TestCase):
                   f'[lists]\ndomains = ["{LDOM}"]\nlistmasters = ["olga@{DOM}"]\n')
         self.addCleanup(self.app.stop)
         self.cli("list", "create", f"team@{LDOM}", "--owner", f"olga@{DOM}",
-                 "--subject", "The team")
+                 "--subject", "The team", "--tag", "[team]", "--footer", FOOTER)
         for who in ("alice", "bob"):
             self.cli("list", "add", f"team@{LDOM}", f"{who}@{DOM}")
         self.cli("list", "add", f"team@{LDOM}", "zed@far.test")
@@ -312,6 +313,8 @@ class PostTests(ListServerCase):
         self.assertEqual(copy["Precedence"], "list")
         self.assertEqual(copy["X-Loop"], f"team@{LDOM}")
         self.assertIn("The plan is ready.", self.body(copy))
+        self.assertEqual(self.subject(copy), "[team] plans")
+        self.assertTrue(self.body(copy).rstrip().endswith(FOOTER), self.body(copy))
         # VERP: bob's copy came with his own tagged envelope sender.
         self.assertRegex(copy["Return-Path"], r"^<team-bounces\+[a-z2-7]+@lists\.example\.test>$")
         self.wait_mail("alice", lambda m: m["List-Id"] is not None)
@@ -372,11 +375,11 @@ class PostTests(ListServerCase):
                                               "Undelivered Mail", "SUB team"), envelope="")
         first = mail(f"alice@{DOM}", f"team@{LDOM}", "once", "only once")
         self.submit("alice", [f"team@{LDOM}"], first)
-        self.wait_mail("bob", lambda m: self.subject(m) == "once")
+        self.wait_mail("bob", lambda m: self.subject(m) == "[team] once")
         self.submit("alice", [f"team@{LDOM}"], first)
         self.settle()
-        self.assertEqual([self.subject(m) for m in self.inbox("bob")], ["once"])
-        self.assertEqual([self.subject(m) for m in self.inbox("alice")], ["once"])
+        self.assertEqual([self.subject(m) for m in self.inbox("bob")], ["[team] once"])
+        self.assertEqual([self.subject(m) for m in self.inbox("alice")], ["[team] once"])
         self.assertEqual(self.show()["posts"], 1)
         log = self.app.log()
         self.assertIn("loop: our X-Loop", log)
