@@ -499,7 +499,7 @@ class VerifyTests(DNSTestBase):
 
     @defer.inlineCallbacks
     def test_ed25519_signature_passes(self):
-        if not dkim_sign._nacl_available():
+        if not dkim_sign.nacl_available():
             raise unittest.SkipTest("PyNaCl is not installed")
         self.publish("example.org", "ed", algorithm="ed25519")
         raw = self.sign(selector="ed")

@@ -93,7 +93,7 @@ def sign_message(raw, domain, key, nacl_ok=True):
     return data, value
 
 
-def _nacl_available() -> bool:
+def nacl_available() -> bool:
     """Whether PyNaCl, which dkimpy signs Ed25519 with, is installed."""
     try:
         return importlib.util.find_spec("nacl.signing") is not None
@@ -117,7 +117,7 @@ class DKIMSigner:
         self.reactor = reactor
         self.domains = {d.lower().rstrip(".") for d in domains}
         self.keys = KeyStore(key_dir, selector)
-        self.nacl = _nacl_available()
+        self.nacl = nacl_available()
         self._run_in_thread = run_in_thread or self._in_pool
         self._slots = defer.DeferredSemaphore(max_concurrent)
 

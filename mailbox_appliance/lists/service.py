@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import email
+import email.message
 import email.policy
 import email.utils
 import os
@@ -38,9 +39,11 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailbox_appliance.antispam.dkim_keys import KeyStore
+from mailbox_appliance.antispam.dkim_sign import nacl_available, sign_message
 from mailbox_appliance.delivery.result import DEFERRED, SENT, RecipientResult
 from mailbox_appliance.interfaces import IListAgent
-from mailbox_appliance.lists import addresses, bounces, posting
+from mailbox_appliance.lists import addresses, bounces, posting, tokens
 from mailbox_appliance.lists.robot import CommandRobot
 from mailbox_appliance.lists.scenario import ScenarioLibrary
 from mailbox_appliance.maillog import mail_event
@@ -52,7 +55,7 @@ NAMES_TTL = 2.0             # seconds a domain's list names are trusted before r
 MAX_READ = 64 * 1024 * 1024  # the queue's own bound is lower; this only guards memory
 PAGE = 1000                 # members read at a time while distributing
 MAX_SEQUENCES = 1000        # distributions whose bounce counts are kept for the mass-bounce guard
-REVIEW_EVERY = 3600.0       # how often disabled members are looked at (notices, removal)
+REVIEW_EVERY = 3600.0       # how often expiries and disabled members are looked at
 # Delivery modes that take single copies (the digest of 4.8 will take "digest").
 SINGLE_COPY_MODES = frozenset({"mail", "not_me", "txt", "html", "urlize"})
 
@@ -139,6 +142,11 @@ class ListService(Service):
         self.listmasters = tuple(a.lower() for a in config.lists.listmasters)
         self.trust_results = config.antispam.content.enabled
         self.from_match = config.submission.from_header_match
+        dk = config.antispam.dkim
+        # The copies are signed for the list domain like submitted mail
+        # (lists.md 4.1): receivers judge the list, not the author.
+        self.dkim_keys = KeyStore(os.path.join(config.server.data_dir, dk.key_dir),
+                                  dk.selector) if dk.sign else None
         self.library = ScenarioLibrary()
         self.robot = CommandRobot(store, self.library, reactor, robot_name=self.robot_name,
                                   listmasters=self.listmasters or (self.postmaster,),
@@ -150,7 +158,7 @@ class ListService(Service):
 
     def startService(self):
         super().startService()
-        self._review = task.LoopingCall(self.review_disabled)
+        self._review = task.LoopingCall(self.review)
         self._review.clock = self.reactor
         self._review.start(REVIEW_EVERY, now=False).addErrback(
             lambda f: self.log.failure("list bounce review stopped", f))
@@ -312,6 +320,7 @@ class ListService(Service):
             subject_tag=settings.get("subject_tag", ""), footer=settings.get("footer", ""),
             announce=scenarios.get("send", "") in ("editorkeyonly", "owner"),
             hostname=self.hostname)
+        copy = yield self._signed(copy, ml.domain)
         sequence = yield self.store.next_post(ml.address)
         rcpts, senders = [], []
         after = ""
@@ -342,6 +351,30 @@ class ListService(Service):
         mail_event(self.log, f"{queued.qid}: list {ml.address} post #{sequence} from "
                              f"<{sender}> to {len(rcpts)} members", qid=queued.qid)
         return queued
+
+    def _signed(self, data, domain):
+        """``data`` with a DKIM signature of ``domain`` when signing is on and a key exists."""
+        if self.dkim_keys is None:
+            return defer.succeed(data)
+        keys = self.dkim_keys
+
+        def sign():
+            key, problem = keys.get_with_problem(domain)
+            if key is None or (key.kind == "ed25519" and not nacl_available()):
+                return data, problem
+            normalised, value = sign_message(data, domain, key)
+            if value is None:
+                return data, "no From field"
+            return b"DKIM-Signature: " + value.encode("ascii") + b"\r\n" + normalised, ""
+
+        def signed(result):
+            out, problem = result
+            if problem:
+                self.log.warn("list copies for {domain} not DKIM-signed: {problem}",
+                              domain=domain, problem=problem)
+            return out
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                         sign).addCallback(signed)
 
     # -- owners, moderators, listmasters ---------------------------------------------------
 
@@ -450,6 +483,25 @@ class ListService(Service):
         owners = [a for a, _ in (yield self.store.role_holders(where.list_address, "owner"))]
         to = owners or list(self.listmasters) or [self.postmaster]
         yield self._notice(where.list_address, to, f"Bounces on {where.list_name}", text)
+
+    @defer.inlineCallbacks
+    def review(self):
+        """The hourly round: held requests whose time is up, then disabled members."""
+        yield self.expire_held()
+        yield self.review_disabled()
+
+    @defer.inlineCallbacks
+    def expire_held(self):
+        """Forget held requests past their lifetime; a moderated post's author is told
+        it was not approved in time (lists.md 3.3); other expiries are silent."""
+        for held in (yield self.store.expire_held(self.reactor.seconds())):
+            if held.kind == tokens.MODERATION and held.requester:
+                yield self._notice(
+                    held.list_address, [held.requester],
+                    f"Not approved in time: {held.subject}"[:200],
+                    f"Your message to {held.list_address}"
+                    + (f" ({held.subject})" if held.subject else "")
+                    + " was not approved by the moderators in time and was not distributed.")
 
     @defer.inlineCallbacks
     def review_disabled(self):
