@@ -540,25 +540,33 @@ class QueueManager(Service):
                                           "not enabled") for n in range(len(group))}
         else:
             # Copies with their own envelope sender (a list's VERP) go in
-            # transactions of their own, one per sender, all at once: the
-            # agent's per-domain slots and connection cache pace them.
+            # transactions of their own, one per sender, as many at a time
+            # as the domain may have deliveries: a list of 10,000 members at
+            # one domain never has 10,000 deliveries waiting in memory.
             by_sender = {}
             for n, (key, target, idxs) in enumerate(group):
                 by_sender.setdefault(env.sender_of(idxs[0]), []).append(RemoteRecipient(
                     idx=n, address=target.address, notify=env.notify_of(idxs[0]),
                     orcpt=env.orcpt_of(idxs[0])))
             outcome = {}
-            sends = [self.remote_agent.deliver(
-                qmsg if sender == env.sender else SenderView(qmsg, sender), domain, rcpts)
-                for sender, rcpts in by_sender.items()]
-            for ok, answer in (yield defer.DeferredList(sends, consumeErrors=True)):
-                if ok:
-                    outcome.update(answer)
-                else:
-                    self.log.failure("{qid}: remote delivery to {domain} crashed", answer,
-                                     qid=qmsg.qid, domain=domain)
-                    missing = RecipientResult(DEFERRED, "4.3.0", "4.3.0 delivery failed: "
-                                              + answer.getErrorMessage())
+            todo = iter(by_sender.items())
+            crashes = []
+
+            @defer.inlineCallbacks
+            def sender_worker():
+                for sender, rcpts in todo:
+                    view = qmsg if sender == env.sender else SenderView(qmsg, sender)
+                    try:
+                        outcome.update((yield self.remote_agent.deliver(view, domain, rcpts)))
+                    except Exception as e:
+                        self.log.failure("{qid}: remote delivery to {domain} crashed",
+                                         qid=qmsg.qid, domain=domain)
+                        crashes.append(e)
+            workers = min(len(by_sender), max(1, self.config.delivery.max_per_domain))
+            yield defer.gatherResults([sender_worker() for _ in range(workers)])
+            if crashes:
+                missing = RecipientResult(DEFERRED, "4.3.0",
+                                          f"4.3.0 delivery failed: {crashes[-1]}")
         for n, (key, target, idxs) in enumerate(group):
             result = outcome.get(n) or missing
             results[key] = result
