@@ -16,7 +16,9 @@ import imaplib
 import json
 import os
 import re
+import shutil
 import smtplib
+import subprocess
 import time
 
 import dkim
@@ -230,6 +232,31 @@ class CommandTests(ListServerCase):
         self.app.wait_for(lambda: f"bob@{DOM}" not in self.members(), what="bob removed")
         [results] = self.wait_mail("bob", lambda m: "Done" in self.body(m))
         self.assertNotIn("Reply-To", results)
+
+    def swaks(self, *args):
+        if not shutil.which("swaks"):
+            raise unittest.SkipTest("swaks is not installed")
+        return subprocess.run(["swaks", "--server", "127.0.0.1", "--port",
+                               str(self.app.smtp_port), "--helo", "client.example.net"]
+                              + list(args), capture_output=True, text=True, timeout=60)
+
+    def test_swaks_signoff_without_proof_is_confirmed_first(self):
+        """Case 6 (second half) with swaks: -unsubscribe over plain SMTP asks alice
+        first; she stays a member until she confirms. An unknown list: 550 5.1.1."""
+        r = self.swaks("--from", f"alice@{DOM}", "--to", f"team-unsubscribe@{LDOM}",
+                       "--header", f"From: alice@{DOM}", "--header", "Subject: bye",
+                       "--body", "please remove me")
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        [ask] = self.wait_mail("alice", lambda m: self.subject(m).startswith("AUTH "))
+        self.assertIn(f"alice@{DOM}", self.members())
+        r = self.swaks("--from", f"alice@{DOM}", "--to", str(ask["Reply-To"]),
+                       "--header", f"From: alice@{DOM}", "--header",
+                       f"Subject: Re: {self.subject(ask)}", "--body", "yes")
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.app.wait_for(lambda: f"alice@{DOM}" not in self.members(), what="alice removed")
+        r = self.swaks("--from", f"alice@{DOM}", "--to", f"nosuchlist-subscribe@{LDOM}")
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("550 5.1.1", r.stdout)
 
     def test_owner_approval_and_decline(self):
         """Cases 4 and 5: subscribe = owner; the owner accepts one request, declines another."""
