@@ -24,12 +24,18 @@ class ReportTests(unittest.TestCase):
         self.assertEqual(bounces.dsn_statuses(DSN), ["5.1.1", "4.2.2"])
 
     def test_not_a_report(self):
-        self.assertEqual(bounces.dsn_statuses(b"Subject: hi\r\n\r\nout of office\r\n"), [])
-        self.assertEqual(bounces.dsn_statuses(b"\x00\xff garbage"), [])
+        self.assertIsNone(bounces.dsn_statuses(b"Subject: hi\r\n\r\nout of office\r\n"))
+        self.assertIsNone(bounces.dsn_statuses(b"\x00\xff garbage"))
+
+    def test_success_report_has_no_failure(self):
+        ok = DSN.replace(b"Action: failed", b"Action: delivered").replace(
+            b"Status: 5.1.1 (no such user)", b"Status: 2.0.0").replace(
+            b"Action: delayed", b"Action: relayed").replace(b"Status: 4.2.2", b"Status: 2.0.0")
+        self.assertEqual(bounces.dsn_statuses(ok), [])
 
     def test_weights(self):
         self.assertEqual([bounces.weight(s) for s in ("5.1.1", "4.2.2", "5.7.1", None, "2.0.0")],
-                         [1.0, 0.5, 0.5, 1.0, 0.0])
+                         [1.0, 0.5, 0.5, 0.0, 0.0])
 
 
 class ScoreTests(unittest.TestCase):

@@ -5,9 +5,12 @@ A copy of a post leaves with the envelope sender ``LIST-bounces+TAG@``,
 the TAG naming the member and the post under an HMAC
 (``addresses.verp_sender``), so a bounce names its member without parsing
 and a forged bounce names nobody. ``dsn_statuses`` reads the RFC 3464 part
-for the status codes (a bounce without one counts as permanent, as the
-failure of a copy that came back is). ``score`` turns a member's bounce
-into the new (score, last bounce, disabled since) and what to do:
+for the status codes of failed or delayed recipients; mail that is no
+delivery report at all (an auto-reply sent to the envelope sender, a
+mailer's home-made bounce) is not scored but counted for the owners' daily
+summary, and a report of successful delivery is nothing. ``score`` turns a
+member's bounce into the new (score, last bounce, disabled since) and what
+to do:
 
 - a permanent failure (5.x.x) adds 1, a temporary one (4.x.x) 0.5, and a
   policy refusal (5.7.x: reputation, not a dead address) counts as
@@ -54,14 +57,15 @@ class BounceState:
     disabled_since: float = 0.0
 
 
-def dsn_statuses(raw: bytes) -> list:
-    """The Status codes ("5.1.1", ...) of a delivery report's failed recipients;
-    [] when the message is no RFC 3464 report or has none."""
+def dsn_statuses(raw: bytes) -> list | None:
+    """The Status codes ("5.1.1", ...) of a delivery report's failed or delayed
+    recipients ([] when it reports only successes); None when the message is no
+    RFC 3464 report."""
     try:
         msg = email.message_from_bytes(raw[:1024 * 1024], policy=email.policy.compat32)
     except Exception:
-        return []
-    out = []
+        return None
+    out = None
     for part in msg.walk():
         if part.get_content_type() != "message/delivery-status":
             continue
@@ -69,20 +73,20 @@ def dsn_statuses(raw: bytes) -> list:
         # compat32 parses each block of the report as a message of fields.
         blocks = payload if isinstance(payload, list) else [
             email.message_from_string(str(payload))]
+        out = []
         for block in blocks[:MAX_STATUSES]:
             action = (block.get("Action") or "").strip().lower()
             m = _STATUS.match(block.get("Status") or "")
             if m and action in ("failed", "delayed", ""):
                 out.append(".".join(m.groups()))
         break
-    return out[:MAX_STATUSES]
+    return out
 
 
 def weight(status: str | None) -> float:
-    """What one bounce adds: 1 permanent, 0.5 temporary or policy (5.7.x), 0 success."""
-    if not status:
-        return PERMANENT
-    if status.startswith("2."):
+    """What one bounce adds: 1 permanent, 0.5 temporary or policy (5.7.x), 0 success
+    or no status at all (nothing says the copy failed)."""
+    if not status or status.startswith("2."):
         return 0.0
     if status.startswith("4.") or status.startswith("5.7."):
         return TEMPORARY

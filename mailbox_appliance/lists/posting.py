@@ -79,12 +79,12 @@ def check_post(raw, msg, list_name, domain, seen_message_id=None, max_size=MAX_S
     fields = raw_header_fields(block)
     posting = address_of(list_name, domain).lower()
     for value in _all(fields, "x-loop"):
-        if posting in value.lower():
+        if replies.field_names(value, posting):
             return PostCheck(DISCARD, "loop: our X-Loop")
     lid = field_text(fields, "list-id").lower()
     if lid and f"<{list_id(list_name, domain)}>" in lid:
         return PostCheck(DISCARD, "loop: our List-Id")
-    if posting in field_text(fields, "list-post").lower():
+    if any(replies.field_names(v, posting) for v in _all(fields, "list-post")):
         return PostCheck(DISCARD, "loop: our List-Post")
     auto = field_text(fields, "auto-submitted").lower()
     if auto and auto.split(";")[0].strip() != "no":

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import email.utils
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from email.header import decode_header, make_header
 from email.message import EmailMessage
@@ -130,8 +131,11 @@ class ReplyRateLimit:
 class RecentMessageIds:
     """Message-IDs the robot processed in the last 24 hours, at most ``max_ids`` of them.
 
-    ``seen(message_id)`` says whether it was seen and remembers it. An
-    in-memory stand-in for a table; the oldest are forgotten first.
+    ``seen(message_id)`` says whether it was seen and remembers it;
+    ``known`` only asks and ``remember`` only records, for callers that count
+    a Message-ID as processed only once what it caused is committed (a mail
+    whose work failed and is tried again must not be taken for a duplicate).
+    An in-memory stand-in for a table; the oldest are forgotten first.
     """
 
     def __init__(self, clock, window=86400.0, max_ids=100000):
@@ -140,19 +144,37 @@ class RecentMessageIds:
         self._max = int(max_ids)
         self._ids: collections.OrderedDict = collections.OrderedDict()
 
-    def seen(self, message_id) -> bool:
+    def _expire(self):
         now = self._clock()
         while self._ids:
             oldest, at = next(iter(self._ids.items()))
             if at > now - self._window:
                 break
             del self._ids[oldest]
-        key = str(message_id).strip()[:MAX_HEADER]
-        if key in self._ids:
-            return True
+        return now
+
+    @staticmethod
+    def _key(message_id):
+        return str(message_id).strip()[:MAX_HEADER]
+
+    def known(self, message_id) -> bool:
+        self._expire()
+        return self._key(message_id) in self._ids
+
+    def remember(self, message_id):
+        now = self._expire()
+        key = self._key(message_id)
+        if not key:
+            return
+        self._ids.pop(key, None)
         self._ids[key] = now
         while len(self._ids) > self._max:
             self._ids.popitem(last=False)
+
+    def seen(self, message_id) -> bool:
+        if self.known(message_id):
+            return True
+        self.remember(message_id)
         return False
 
 
@@ -201,9 +223,18 @@ def sender_of(msg) -> str | None:
     return addrs[0].lower()
 
 
-def _header_address(value):
-    _, addr = email.utils.parseaddr(value or "")
-    return addr.lower()
+_MAILTO = re.compile(r"mailto:([^>?,\s]+)", re.I)
+
+
+def field_names(value, address) -> bool:
+    """Whether a field value (X-Loop, List-Post) names exactly ``address``, as a
+    mailbox or a ``mailto:`` URI; another address that merely contains it
+    (``bigteam@`` for ``team@``) is not it."""
+    text = str(value or "")[:8192]
+    found = {urllib.parse.unquote(m).lower() for m in _MAILTO.findall(text)}
+    found.update(a.lower() for _, a in email.utils.getaddresses([text]) if a)
+    found.add(text.strip().strip("<>").strip().lower())
+    return address.lower() in found
 
 
 def drop_reason(msg, envelope_sender, robot_address, own_address=None, spam=False,
@@ -214,8 +245,9 @@ def drop_reason(msg, envelope_sender, robot_address, own_address=None, spam=Fals
     ``own_address(addr) -> bool``: whether an address is one of ours (a list
     or robot address); mail from ourselves is a loop. ``seen(message_id) ->
     bool``: whether the robot processed that Message-ID in the last 24 hours
-    (e.g. ``RecentMessageIds.seen``), asked last so that only mail otherwise
-    acceptable is remembered.
+    (``RecentMessageIds.known``, the caller remembering it once the reply is
+    committed; or ``RecentMessageIds.seen``), asked last so that only mail
+    otherwise acceptable is remembered.
     """
     env = (envelope_sender or "").strip().strip("<>").strip()
     if not env:
@@ -239,7 +271,7 @@ def drop_reason(msg, envelope_sender, robot_address, own_address=None, spam=Fals
                 return f"precedence {precedence.strip().lower()}"
     robot = robot_address.lower()
     for loop in raw_headers(msg, "X-Loop"):
-        if _header_address(loop) == robot or loop.strip().lower() == robot:
+        if field_names(loop, robot):
             return "X-Loop is ours"
     sender = sender_of(msg)
     if sender is None:

@@ -96,13 +96,19 @@ class RobotOutcome:
     ``dropped``: why it was dropped silently (None when it was read);
     ``outgoing``: ``[(envelope_sender, [recipients], message_bytes)]`` to queue;
     ``results``: the ``replies.Results`` (None when dropped);
-    ``replied``: whether the results reply is among ``outgoing``.
+    ``replied``: whether the results reply is among ``outgoing``;
+    ``message_id``: the Message-ID to count as processed (the robot's
+    ``seen``, a list's distributed posts) once ``outgoing`` is committed;
+    ``committed``: the work it asked for (a distribution, a held post) is
+    already done, so it counts as processed even if ``outgoing`` fails.
     """
 
     dropped: str | None = None
     outgoing: list = field(default_factory=list)
     results: Results | None = None
     replied: bool = False
+    message_id: str | None = None
+    committed: bool = False
 
 
 @implementer(IScenarioContext)
@@ -204,12 +210,14 @@ class CommandRobot:
     ``distribute(list_address, message_bytes, sender)`` for released posts
     (may return a Deferred). ``list_dirs(ml)``: a list's own scenario folders.
     ``own_address(addr)``: whether an address is one of ours (mail from it is
-    a loop). ``filters``: named address sets for ``search``.
+    a loop). ``filters``: named address sets for ``search``. ``verp(ml,
+    member_id)``: the VERP envelope sender of mail to a member, used for the
+    welcome so that a dead new address bounces to its member (lists.md 4.7).
     """
 
     def __init__(self, store, library, clock, robot_name=addresses.DEFAULT_ROBOT,
                  listmasters=(), lifetimes=None, distribute=None, list_dirs=None,
-                 own_address=None, filters=None):
+                 own_address=None, filters=None, verp=None):
         self.store = store
         self.library = library
         self.clock = _clock_of(clock)
@@ -220,6 +228,7 @@ class CommandRobot:
         self.list_dirs = list_dirs or (lambda ml: ())
         self.own_address = own_address
         self.filters = filters or {}
+        self.verp = verp
         self.reply_limit = replies.ReplyRateLimit(self.clock)
         self.failed_lookups = tokens.FailedLookups(self.clock)
         self.seen = replies.RecentMessageIds(self.clock)
@@ -246,6 +255,13 @@ class CommandRobot:
                                                  domain.lower(), list_name, token,
                                                  auth_method, spam))
 
+    def processed(self, outcome):
+        """Count a command mail's Message-ID as processed: called once its
+        ``outgoing`` mail is committed, so that a retry after a failure is
+        executed again rather than dropped as a duplicate."""
+        if outcome.message_id:
+            self.seen.remember(outcome.message_id)
+
     def post(self, raw, message, envelope_sender, list_name, domain, auth_method="smtp",
              spam=False, seen_message_id=None):
         """Take one post to ``LIST@domain`` (lists.md 4.1-4.2, 3.2, 3.3).
@@ -255,6 +271,8 @@ class CommandRobot:
         author (the single From: mailbox) as sender: distributed through
         ``distribute``, held for the author's confirmation or for the
         moderators, or refused with a notice (none to spam or with ``quiet``).
+        ``seen_message_id(mid) -> bool`` only asks whether the list took that
+        Message-ID; the caller records the outcome's ``message_id``.
         A Deferred firing with a ``RobotOutcome``.
         """
         return defer.ensureDeferred(self._post(raw, message, envelope_sender, list_name,
@@ -299,6 +317,10 @@ class CommandRobot:
         quiet = decision.quiet or spam
         log.info("list {ml}: post from {author} ({method}): {action} ({rule})", ml=ml.address,
                  author=author, method=auth_method, action=action, rule=decision.rule)
+        # Counted as distributed only when accepted (lists.md 4.2): a refused
+        # post sent again after subscribing is a new post.
+        outcome.message_id = (replies.raw_header(msg, "Message-ID") or "").strip() or None
+        outcome.committed = action in ("do_it", "editorkey", "editor")
         if action == "do_it":
             await self._hand_over(ml, raw, author)
             if decision.notify:
@@ -333,10 +355,12 @@ class CommandRobot:
                            f"Your message to {ml.address} was not distributed.\n{text}\n",
                            auto="auto-replied")
             outcome.dropped = f"refused by the send scenario ({decision.reason or 'deny'})"
+            outcome.message_id = None
         else:
             self._alert(s, f"{ml.address}: the send scenario decided {action}, "
                            "which a post cannot do; the post was not distributed.")
             outcome.dropped = f"send decided {action}"
+            outcome.message_id = None
         return outcome
 
     def robot_address(self, domain):
@@ -356,7 +380,7 @@ class CommandRobot:
                       auth_method, spam):
         robot = self.robot_address(domain)
         why = replies.drop_reason(msg, envelope_sender, robot, own_address=self._own(domain),
-                                  spam=spam, seen=self.seen.seen)
+                                  spam=spam, seen=self.seen.known)
         if why is None and kind != addresses.ROBOT and not list_name:
             why = "no list named by the address"
         if why is None and kind == addresses.CONFIRM and tokens.normalize(token) is None:
@@ -402,7 +426,9 @@ class CommandRobot:
             # What parsing found besides the commands: the line not understood,
             # "no command found", notes, ignored lines.
             commands.report_parse(dataclasses.replace(parsed, items=[]), session.results)
-        outcome = RobotOutcome(outgoing=session.outgoing, results=session.results)
+        outcome = RobotOutcome(outgoing=session.outgoing, results=session.results,
+                               message_id=(replies.raw_header(msg, "Message-ID") or "").strip()
+                               or None)
         if reply:
             mail = replies.build_reply(session.results, robot, sender,
                                        in_reply_to=replies.raw_header(msg, "Message-ID"),
@@ -539,7 +565,7 @@ class CommandRobot:
                 return
             s.results.add(DONE, line, f"{target} is now a member of {ml.name}.")
             if not quiet:
-                self._welcome(s, ml, target)
+                self._welcome(s, ml, target, await self._verp_of(ml, target))
         elif verb == "SIGNOFF" or verb == "DEL":
             removed = await self.store.remove_member(ml.address, target)
             if not removed:
@@ -678,6 +704,14 @@ class CommandRobot:
             stored = commands.parse_line(held.action)
         except (commands.CommandError, commands.NotACommand):
             s.results.add(ERRORS, cmd.line, "Internal error: the held request is unreadable.")
+            return
+        if stored.verb == "SET" and held.kind == tokens.REQUEST and held.target:
+            # A disabled member's way back in (hold_reenable): the token was
+            # mailed to the member, who needs no scenario to set its own mode.
+            if not await self.store.settle_held(held.id, s.sender, s.now):
+                s.results.add(ERRORS, cmd.line, "Already handled by someone else.")
+                return
+            await self._set(s, stored, ml, cmd.line, who=held.target)
             return
         if held.kind == tokens.REQUEST:
             # The token is the proof: the one it was mailed to acts, with md5 (2.5).
@@ -855,14 +889,16 @@ class CommandRobot:
 
     # -- other list commands ---------------------------------------------------------------
 
-    async def _set(self, s, cmd, ml, line=None):
+    async def _set(self, s, cmd, ml, line=None, who=None):
+        """SET by the sender, or by ``who`` when a token mailed to it is the proof."""
         line = line or cmd.line
-        member = await self.store.get_member(ml.address, s.sender or "")
+        who = who or s.sender or ""
+        member = await self.store.get_member(ml.address, who)
         if member is None:
             s.results.add(REFUSED, line, f"You are not a member of {ml.name}.")
             return
         if cmd.mode in ("conceal", "noconceal"):
-            await self.store.set_member(ml.address, s.sender, concealed=cmd.mode == "conceal")
+            await self.store.set_member(ml.address, who, concealed=cmd.mode == "conceal")
         else:
             allowed = ml.settings.get("modes") or OFFERED_MODES
             if cmd.mode not in allowed:
@@ -871,11 +907,11 @@ class CommandRobot:
             if member.disabled_since and cmd.mode != "nomail":
                 # The member says the address works again: delivery resumes
                 # with a clean bounce record (lists.md 4.7).
-                await self.store.set_member(ml.address, s.sender, mode=cmd.mode,
+                await self.store.set_member(ml.address, who, mode=cmd.mode,
                                             bounce_score=0.0, disabled_since=0.0,
                                             bounce_notices=0)
             else:
-                await self.store.set_member(ml.address, s.sender, mode=cmd.mode)
+                await self.store.set_member(ml.address, who, mode=cmd.mode)
         s.results.add(DONE, line, f"Your setting on {ml.name} is now {cmd.mode.upper()}.")
 
     async def _every_list(self, s, cmd):
@@ -993,6 +1029,16 @@ class CommandRobot:
                       "Owners and moderators: "
                       + "; ".join(commands.SYNTAX[v] for v in owners))
 
+    async def hold_reenable(self, ml, address, now, lifetime):
+        """A token with which a member whose delivery bounces disabled turns it on
+        again (lists.md 4.7): ``CONFIRM token`` or a reply to the confirm address."""
+        token = tokens.new_token()
+        action = Command("SET", list_name=ml.name, mode="mail").canonical()
+        await self.store.hold(ml.address, tokens.REQUEST, tokens.hash_token(token),
+                              now + lifetime, now=now, action=action, target=address,
+                              requester=address, subject=BY_TARGET)
+        return token
+
     async def _invite(self, s, cmd, ml, sender, target, line):
         token = tokens.new_token()
         action = Command("SUBSCRIBE", list_name=ml.name, name=cmd.name).canonical()
@@ -1028,11 +1074,17 @@ class CommandRobot:
         return ("To leave the list, send any mail to "
                 f"{addresses.list_address(ml.name, ml.domain, addresses.UNSUBSCRIBE)}.\n")
 
-    def _welcome(self, s, ml, target):
+    async def _verp_of(self, ml, target):
+        if self.verp is None:
+            return None
+        member = await self.store.get_member(ml.address, target)
+        return self.verp(ml, member.id) if member is not None else None
+
+    def _welcome(self, s, ml, target, sender=None):
         self._mail(s, ml, [target], f"Welcome to {ml.name}",
                    f"You are now a member of {ml.address}"
                    + (f" ({ml.subject})" if ml.subject else "") + ".\n\n"
-                   + self._how_to_leave(ml))
+                   + self._how_to_leave(ml), sender=sender)
 
     def _goodbye(self, s, ml, target):
         self._mail(s, ml, [target], f"You left {ml.name}",
@@ -1053,8 +1105,9 @@ class CommandRobot:
                    reply_to=addresses.confirm_address(ml.name, s.domain, token))
 
     def _mail(self, s, ml, to, subject, text, reply_to=None, attach=None,
-              auto="auto-generated"):
-        """A notice about list ``ml``: from the robot, envelope LIST-bounces."""
+              auto="auto-generated", sender=None):
+        """A notice about list ``ml``: from the robot, envelope ``sender`` or else
+        LIST-bounces."""
         robot = self.robot_address(s.domain)
         msg = EmailMessage()
         msg["From"] = robot
@@ -1071,7 +1124,7 @@ class CommandRobot:
         if attach is not None:
             inner = email.message_from_bytes(attach, policy=email.policy.default)
             msg.add_attachment(inner)
-        bounces = addresses.list_address(ml.name, ml.domain, addresses.BOUNCES)
+        bounces = sender or addresses.list_address(ml.name, ml.domain, addresses.BOUNCES)
         s.outgoing.append((bounces, list(to), _bytes(msg)))
 
     def _alert(self, s, text):

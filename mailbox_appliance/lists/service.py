@@ -44,6 +44,7 @@ from mailbox_appliance.antispam.dkim_sign import nacl_available, sign_message
 from mailbox_appliance.delivery.result import DEFERRED, SENT, RecipientResult
 from mailbox_appliance.interfaces import IListAgent
 from mailbox_appliance.lists import addresses, bounces, posting, tokens
+from mailbox_appliance.lists.replies import RecentMessageIds, field_names
 from mailbox_appliance.lists.robot import CommandRobot
 from mailbox_appliance.lists.scenario import ScenarioLibrary
 from mailbox_appliance.maillog import mail_event
@@ -56,6 +57,7 @@ MAX_READ = 64 * 1024 * 1024  # the queue's own bound is lower; this only guards 
 PAGE = 1000                 # members read at a time while distributing
 MAX_SEQUENCES = 1000        # distributions whose bounce counts are kept for the mass-bounce guard
 REVIEW_EVERY = 3600.0       # how often expiries and disabled members are looked at
+SUMMARY_EVERY = 86400.0     # how often owners hear of mail to -bounces that was no report
 # Delivery modes that take single copies (the digest of 4.8 will take "digest").
 SINGLE_COPY_MODES = frozenset({"mail", "not_me", "txt", "html", "urlize"})
 
@@ -150,11 +152,14 @@ class ListService(Service):
         self.library = ScenarioLibrary()
         self.robot = CommandRobot(store, self.library, reactor, robot_name=self.robot_name,
                                   listmasters=self.listmasters or (self.postmaster,),
-                                  distribute=self.distribute, own_address=self.is_own)
+                                  distribute=self.distribute, own_address=self.is_own,
+                                  verp=self._welcome_sender)
         self.seen_posts = {}            # list address -> RecentMessageIds (7 days)
         self._names = {}                # domain -> (until, frozenset of list names)
         self._sent = collections.OrderedDict()   # (list, sequence) -> [copies, bounced, warned]
         self._review = None
+        self._unparsed = collections.Counter()  # list address -> non-reports since the summary
+        self._summary_due = reactor.seconds() + SUMMARY_EVERY
 
     def startService(self):
         super().startService()
@@ -176,7 +181,7 @@ class ListService(Service):
     def list_names(self, domain):
         """The names of the lists at ``domain`` (a Deferred), read again every few seconds:
         lists are made and removed by the admin command in another process."""
-        domain = domain.lower()
+        domain = domain.lower().rstrip(".")
         now = self.reactor.seconds()
         cached = self._names.get(domain)
         if cached is not None and cached[0] > now:
@@ -202,12 +207,23 @@ class ListService(Service):
         return self.list_names(domain).addCallback(
             lambda names: addresses.classify(local, domain, names, self.robot_name))
 
+    @defer.inlineCallbacks
+    def _know_names(self, msg, envelope_sender):
+        """Read the list names of the list domains a mail comes from, so that
+        ``is_own`` knows them even before any list address was classified."""
+        frm = email.utils.parseaddr(str(msg.get("From", "")))[1]
+        for address in {envelope_sender or "", frm}:
+            domain = address.rpartition("@")[2]
+            if domain and self.is_list_domain(domain):
+                yield self.list_names(domain)
+
     def is_own(self, address) -> bool:
-        """Whether mail from ``address`` comes from the list server itself (a loop)."""
+        """Whether mail from ``address`` comes from the list server itself (a loop);
+        the names of its domain are those last read (``_know_names``)."""
         local, _, domain = (address or "").lower().rpartition("@")
         if not self.is_list_domain(domain):
             return False
-        cached = self._names.get(domain)
+        cached = self._names.get(domain.rstrip("."))
         names = cached[1] if cached else ()
         return addresses.classify(local, domain, names, self.robot_name) is not None
 
@@ -257,6 +273,7 @@ class ListService(Service):
     def _command(self, qmsg, raw, where):
         msg = self._parse(raw)
         env = qmsg.envelope
+        yield self._know_names(msg, env.sender)
         outcome = yield self.robot.handle(
             msg, env.sender, where.kind, where.domain, list_name=where.list_name,
             token=where.token, spam=self._spam(qmsg, msg),
@@ -266,6 +283,7 @@ class ListService(Service):
             mail_event(self.log, f"{qmsg.qid}: list robot dropped the mail: {outcome.dropped}",
                        qid=qmsg.qid)
         yield self._queue_all(qmsg, outcome.outgoing)
+        self.robot.processed(outcome)
 
     @defer.inlineCallbacks
     def _post(self, qmsg, raw, where):
@@ -273,18 +291,24 @@ class ListService(Service):
         env = qmsg.envelope
         seen = self.seen_posts.get(where.list_address)
         if seen is None:
-            from mailbox_appliance.lists.replies import RecentMessageIds
             seen = self.seen_posts[where.list_address] = RecentMessageIds(
                 self.reactor.seconds, window=7 * 86400.0, max_ids=20000)
         outcome = yield self.robot.post(
             raw, msg, env.sender, where.list_name, where.domain,
             auth_method=auth_method_of(msg, env, self.hostname, self.trust_results,
                                        self.from_match),
-            spam=self._spam(qmsg, msg), seen_message_id=seen.seen)
+            spam=self._spam(qmsg, msg), seen_message_id=seen.known)
         if outcome.dropped:
             mail_event(self.log, f"{qmsg.qid}: post to {where.list_address} not distributed: "
                                  f"{outcome.dropped}", qid=qmsg.qid)
+        # A post counts as taken once what it caused is committed: a failure
+        # before that defers the mail, and the queue's retry must not be
+        # discarded as a duplicate (a distribution or hold already made is).
+        if outcome.message_id and outcome.committed:
+            seen.remember(outcome.message_id)
         yield self._queue_all(qmsg, outcome.outgoing)
+        if outcome.message_id:
+            seen.remember(outcome.message_id)
 
     @defer.inlineCallbacks
     def _queue_all(self, qmsg, outgoing):
@@ -352,6 +376,10 @@ class ListService(Service):
                              f"<{sender}> to {len(rcpts)} members", qid=queued.qid)
         return queued
 
+    def _welcome_sender(self, ml, member_id):
+        # Sequence 0: no post, so a bounce of it never counts towards a mass bounce.
+        return addresses.verp_sender(ml.name, ml.domain, member_id, 0, self.key)
+
     def _signed(self, data, domain):
         """``data`` with a DKIM signature of ``domain`` when signing is on and a key exists."""
         if self.dkim_keys is None:
@@ -398,8 +426,7 @@ class ListService(Service):
             bounce_to = addresses.list_address(where.list_name, where.domain,
                                                addresses.BOUNCES)
         msg = self._parse(raw)
-        loops = [str(v).lower() for v in msg.get_all("X-Loop") or ()]
-        if any(via in v for v in loops):
+        if any(field_names(v, via) for v in msg.get_all("X-Loop") or ()):
             mail_event(self.log, f"{qmsg.qid}: mail to <{via}> dropped: it went through "
                                  "there before (X-Loop)", qid=qmsg.qid)
             return
@@ -428,9 +455,20 @@ class ListService(Service):
                                  f"{where.list_address}, ignored", qid=qmsg.qid)
             return
         statuses = bounces.dsn_statuses(raw)
-        status = statuses[0] if statuses else None
-        if status is not None and status.startswith("2."):
+        if statuses is None:
+            # An auto-reply to the envelope sender or a home-made bounce:
+            # nothing says the copy failed (lists.md 4.7: counted, not scored).
+            self._unparsed[where.list_address] += 1
+            mail_event(self.log, f"{qmsg.qid}: mail from {member.address} to the bounce "
+                                 f"address of {where.list_address} is no delivery report, "
+                                 "not scored", qid=qmsg.qid)
             return
+        failures = [st for st in statuses if not st.startswith("2.")]
+        if not failures:
+            mail_event(self.log, f"{qmsg.qid}: delivery report for {member.address} on "
+                                 f"{where.list_address} reports no failure", qid=qmsg.qid)
+            return
+        status = failures[0]
         sent = self._sent.get((where.list_address, sequence))
         if sent is not None:
             sent[1] += 1
@@ -440,7 +478,8 @@ class ListService(Service):
                     yield self._tell_owners(
                         where, f"Many copies of post #{sequence} to {where.list_address} "
                                "bounced: a reputation or DNS problem rather than dead "
-                               "addresses. These bounces are not scored.")
+                               "addresses. These bounces are not scored.",
+                        listmasters=True)
                 mail_event(self.log, f"{qmsg.qid}: bounce of {member.address} not scored "
                                      "(mass bounce)", qid=qmsg.qid)
                 return
@@ -453,16 +492,16 @@ class ListService(Service):
                                         bounce_score=new.score, last_bounce=new.last_bounce,
                                         disabled_since=new.disabled_since)
         mail_event(self.log, f"{qmsg.qid}: bounce from {member.address} on "
-                             f"{where.list_address} ({status or 'no status'}): score "
+                             f"{where.list_address} ({status}): score "
                              f"{new.score:g}", qid=qmsg.qid)
         if action == bounces.DISABLE:
             yield self._tell_owners(
                 where, f"Delivery to {member.address} on {where.list_address} was disabled "
                        f"after repeated bounces (score {new.score:g}, last status "
-                       f"{status or 'unknown'}). The member is removed after "
+                       f"{status}). The member is removed after "
                        f"{bounces.NOTICES} weekly notices unless it works again.")
 
-    def _notice(self, ml_address, to, subject, text):
+    def _notice(self, ml_address, to, subject, text, reply_to=None):
         name, _, domain = ml_address.partition("@")
         robot = addresses.robot_address(domain, self.robot_name)
         msg = email.message.EmailMessage()
@@ -471,6 +510,8 @@ class ListService(Service):
         msg["Subject"] = subject
         msg["Date"] = email.utils.formatdate(self.reactor.seconds(), usegmt=True)
         msg["Message-ID"] = email.utils.make_msgid(domain=domain)
+        if reply_to:
+            msg["Reply-To"] = reply_to
         msg["Auto-Submitted"] = "auto-generated"
         msg["X-Loop"] = robot
         msg.set_content(text + "\n", charset="utf-8")
@@ -479,9 +520,14 @@ class ListService(Service):
         return self.queue_mail(bounce_to, to, data)
 
     @defer.inlineCallbacks
-    def _tell_owners(self, where, text):
+    def _tell_owners(self, where, text, listmasters=False):
+        """A bounce notice to the list's owners (the listmasters when it has none,
+        or as well with ``listmasters``)."""
         owners = [a for a, _ in (yield self.store.role_holders(where.list_address, "owner"))]
-        to = owners or list(self.listmasters) or [self.postmaster]
+        admins = list(self.listmasters) or [self.postmaster]
+        to = owners or admins
+        if listmasters:
+            to = list(dict.fromkeys(to + admins))
         yield self._notice(where.list_address, to, f"Bounces on {where.list_name}", text)
 
     @defer.inlineCallbacks
@@ -489,6 +535,25 @@ class ListService(Service):
         """The hourly round: held requests whose time is up, then disabled members."""
         yield self.expire_held()
         yield self.review_disabled()
+        if self.reactor.seconds() >= self._summary_due:
+            yield self.summarise_unparsed()
+
+    @defer.inlineCallbacks
+    def summarise_unparsed(self):
+        """The owners' daily count of mail to a list's bounce addresses that was no
+        delivery report (lists.md 4.7: never forwarded one by one)."""
+        self._summary_due = self.reactor.seconds() + SUMMARY_EVERY
+        counts, self._unparsed = self._unparsed, collections.Counter()
+        for list_address, n in sorted(counts.items()):
+            ml = yield self.store.get_list(list_address)
+            if ml is None:
+                continue
+            where = addresses.classify(ml.name, ml.domain, {ml.name}, self.robot_name)
+            yield self._tell_owners(
+                where, f"{n} mail(s) sent to the bounce addresses of {list_address} in the "
+                       "last day were no delivery reports (auto-replies or bounces in a "
+                       "form that cannot be read); they were not scored. The appliance's "
+                       "mail log names each of them.")
 
     @defer.inlineCallbacks
     def expire_held(self):
@@ -518,13 +583,17 @@ class ListService(Service):
                                                 m.disabled_since)
                     step = bounces.review(state, now, m.bounce_notices)
                     if step == "notice":
+                        token = yield defer.ensureDeferred(self.robot.hold_reenable(
+                            ml, m.address, now, bounces.NOTICES * bounces.NOTICE_EVERY))
                         yield self._notice(
                             ml.address, [m.address], f"Your membership of {ml.name}",
                             f"Mail from {ml.address} to you has been bouncing, so it is not "
-                            "sent to you any more. To receive it again, send to "
+                            "sent to you any more. To receive it again, reply to this mail, "
+                            "or send to "
                             f"{addresses.robot_address(ml.domain, self.robot_name)}:\n\n"
-                            f"  SET {ml.name} MAIL\n\nOtherwise you are removed from the "
-                            "list after a few weeks.")
+                            f"  CONFIRM {token}\n\nOtherwise you are removed from the "
+                            "list after a few weeks.",
+                            reply_to=addresses.confirm_address(ml.name, ml.domain, token))
                         yield self.store.set_member(ml.address, m.address,
                                                     bounce_notices=m.bounce_notices + 1)
                     elif step == "remove":
