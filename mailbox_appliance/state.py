@@ -43,7 +43,7 @@ from mailbox_appliance import state_lists
 log = Logger(namespace="mailbox_appliance.state")
 
 FILENAME = "state.sqlite3"
-SCHEMA_VERSION = 2          # 2: the list server's tables (state_lists)
+SCHEMA_VERSION = 3          # 2: the list server's tables (state_lists); 3: list_posts_seen
 BUSY_TIMEOUT = 5.0          # seconds a writer waits for another one (the admin command)
 MAX_ENTRIES = 200000        # greylist rows kept at most (a few tens of MB)
 EXPIRE_EVERY = 600.0        # seconds between sweeps of expired entries
@@ -204,6 +204,15 @@ class IListStore(Interface):
 
     def member_by_id(list_address, member_id):
         """The Member with that id, or None."""
+
+    def post_seen(list_address, message_id, since):
+        """Whether the list took a post with that Message-ID after ``since``."""
+
+    def remember_post(list_address, message_id, now):
+        """Record a post the list took (distributed or held)."""
+
+    def forget_posts(before):
+        """Drop posts recorded before ``before``; how many."""
 
     def members(list_address, limit=None, after=""):
         """Members in address order, a page at a time."""

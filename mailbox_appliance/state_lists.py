@@ -69,6 +69,13 @@ CREATE TABLE IF NOT EXISTS list_held (
     handled_by TEXT NOT NULL DEFAULT '',
     handled_at REAL NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS list_posts_seen (
+    list_id INTEGER NOT NULL REFERENCES lists (id) ON DELETE CASCADE,
+    message_id TEXT NOT NULL,
+    seen REAL NOT NULL,
+    PRIMARY KEY (list_id, message_id)
+);
+CREATE INDEX IF NOT EXISTS list_posts_seen_time ON list_posts_seen (seen);
 CREATE INDEX IF NOT EXISTS list_held_expires ON list_held (expires);
 CREATE INDEX IF NOT EXISTS list_held_list ON list_held (list_id, created)
 """
@@ -231,7 +238,7 @@ def delete_list(conn, address):
     ml = get_list(conn, address)
     if ml is None:
         return 0
-    for table in ("list_members", "list_roles", "list_held"):
+    for table in ("list_members", "list_roles", "list_held", "list_posts_seen"):
         conn.execute(f"DELETE FROM {table} WHERE list_id = ?", (ml.id,))
     return conn.execute("DELETE FROM lists WHERE id = ?", (ml.id,)).rowcount
 
@@ -288,6 +295,34 @@ def get_member(conn, list_address, address):
     row = conn.execute(f"SELECT {_MEMBER} FROM list_members WHERE list_id = ? AND address = ?",
                        (ml.id, address.lower())).fetchone()
     return Member(*row) if row else None
+
+
+MAX_MESSAGE_ID = 998
+
+
+def post_seen(conn, list_address, message_id, since):
+    """Whether the list took a post with this Message-ID after ``since``."""
+    ml = get_list(conn, list_address)
+    if ml is None or not message_id:
+        return False
+    return conn.execute("SELECT 1 FROM list_posts_seen WHERE list_id = ? AND message_id = ? "
+                        "AND seen > ?", (ml.id, str(message_id)[:MAX_MESSAGE_ID],
+                                         since)).fetchone() is not None
+
+
+def remember_post(conn, list_address, message_id, now):
+    """Record that the list took the post with this Message-ID (lists.md 4.2: the
+    duplicate check keeps them 7 days, across restarts)."""
+    ml = get_list(conn, list_address)
+    if ml is None or not message_id:
+        return
+    conn.execute("INSERT OR REPLACE INTO list_posts_seen (list_id, message_id, seen) "
+                 "VALUES (?, ?, ?)", (ml.id, str(message_id)[:MAX_MESSAGE_ID], now))
+
+
+def forget_posts(conn, before):
+    """Drop the Message-IDs recorded before ``before``; how many."""
+    return conn.execute("DELETE FROM list_posts_seen WHERE seen < ?", (before,)).rowcount
 
 
 def member_by_id(conn, list_address, member_id):

@@ -10,6 +10,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from mailbox_appliance.antispam.content import ContentResult, ContentScan, remove_fields
+from mailbox_appliance.queue.spool import read_queue_file
 from mailbox_appliance.smtp.policy import Verdict
 from tests.e2e.harness import ANTISPAM_OFF
 from tests.smtp_helpers import ApplianceMixin, RawClient
@@ -180,6 +181,29 @@ class ContentScanTests(ApplianceMixin, unittest.TestCase):
         yield self.settle()
         self.assertEqual(self.delivered("bob"), [])
         self.assertEqual(len(self.held()), 1)
+
+    def held_envelope(self):
+        [qid] = self.held()
+        path = os.path.join(self.config.server.data_dir, "queue", "hold", qid)
+        return read_queue_file(qid, path).envelope
+
+    @defer.inlineCallbacks
+    def test_judged_message_is_marked_scanned(self):
+        """Only a message the scan judged (ours from outside removed) is marked, so that
+        the list server believes our Authentication-Results on it and on no other."""
+        self.use(Scripted("milter:q", ContentResult(action="hold")))
+        yield self.in_thread(self.send)
+        yield self.settle()
+        self.assertTrue(self.held_envelope().scanned)
+
+    @defer.inlineCallbacks
+    def test_unjudged_message_is_not_marked(self):
+        """Filters that only add fields, without judging (no tag/reject scores): no mark."""
+        self.scan.judge = False
+        self.use(Scripted("milter:q", ContentResult(action="hold")))
+        yield self.in_thread(self.send)
+        yield self.settle()
+        self.assertFalse(self.held_envelope().scanned)
 
     @defer.inlineCallbacks
     def test_discard_answers_250_and_stores_nothing(self):

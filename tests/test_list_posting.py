@@ -141,6 +141,23 @@ class PrepareTests(unittest.TestCase):
         self.assertEqual(str(email.header.make_header(email.header.decode_header(
             msg2["Subject"]))), "[team] R\xe9union")
 
+    def test_long_non_ascii_fields_are_folded_with_crlf(self):
+        """A long encoded Subject or List-Id phrase is folded: with CRLF, never a bare
+        LF; specials in the description cannot end the List-Id phrase early."""
+        long = "R\xe9union tr\xe8s importante \xe0 propos de l'\xe9t\xe9 " * 3
+        subject = email.header.Header(long, "utf-8").encode()
+        raw = post().replace(b"Subject: Meeting", b"Subject: " + subject.encode())
+        out, msg = self.prepare(raw, subject_tag="[team]",
+                                description="\xc9quipe <x@y> " * 10)
+        head = out.split(b"\r\n\r\n", 1)[0]
+        self.assertNotIn(b"\n", head.replace(b"\r\n", b""))
+        self.assertNotIn(b"\r", head.replace(b"\r\n", b""))
+        self.assertTrue(str(email.header.make_header(email.header.decode_header(
+            msg["Subject"]))).startswith("[team] R\xe9union"))
+        lid = str(email.header.make_header(email.header.decode_header(msg["List-Id"])))
+        self.assertTrue(lid.endswith("<team.lists.test>"), lid)
+        self.assertEqual(lid.count("<"), 1, lid)
+
     def test_footer_appended_to_plain_text(self):
         out, msg = self.prepare(post(), footer="--\r\nTo leave: team-unsubscribe@lists.test")
         self.assertTrue(out.endswith(b"Hello all.\r\n\r\n--\r\nTo leave: "

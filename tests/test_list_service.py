@@ -26,9 +26,10 @@ from mailbox_appliance.delivery.maildir import MaildirDelivery
 from mailbox_appliance.delivery.result import BOUNCED, SENT, RecipientResult
 from mailbox_appliance.delivery.router import Route, Router, Target
 from mailbox_appliance.interfaces import IRemoteDelivery
-from mailbox_appliance.lists import addresses, bounces
+from mailbox_appliance.lists import addresses, bounces, tokens
 from mailbox_appliance.lists.addresses import ListAddress
-from mailbox_appliance.lists.service import NAMES_TTL, ListService, auth_method_of, load_key
+from mailbox_appliance.lists.service import (NAMES_TTL, REVIEW_EVERY, ListService,
+                                             auth_method_of, load_key)
 from mailbox_appliance.queue.manager import QueueManager
 from mailbox_appliance.queue.spool import Envelope, QueuedMessage, Spool, read_queue_file
 from mailbox_appliance.smtp.address import Path
@@ -136,13 +137,13 @@ class ServiceCase(unittest.TestCase):
         self.clock.advance(seconds)
 
     @defer.inlineCallbacks
-    def deliver(self, to, data, sender, auth="", folder=""):
+    def deliver(self, to, data, sender, auth="", folder="", scanned=False):
         """Hand ``data`` for ``to`` to the list server as the queue would; the result."""
         where = yield self.service.classify(to)
         self.assertIsNotNone(where, f"{to} is not a list address")
         self._n += 1
         env = Envelope(sender=sender, recipients=[to], arrival=self.clock.seconds(),
-                       auth=auth, folder=folder)
+                       auth=auth, folder=folder, scanned=scanned)
         qmsg = QueuedMessage(qid=f"IN{self._n:04d}", envelope=env,
                              path=os.path.join(self.root, "nonexistent"), body_offset=0,
                              size=len(data), data=data)
@@ -180,25 +181,27 @@ class KeyAndAuthTests(ServiceCase):
     def test_auth_method(self):
         msg = parse(message(ALICE, TEAM))
         plain = Envelope(sender=ALICE, recipients=[TEAM])
+        scanned = Envelope(sender=ALICE, recipients=[TEAM], scanned=True)
         logged_in = Envelope(sender=ALICE, recipients=[TEAM], auth="alice")
-        self.assertEqual(auth_method_of(msg, plain, HOST, True, True), "smtp")
-        self.assertEqual(auth_method_of(msg, logged_in, HOST, True, True), "dkim")
-        self.assertEqual(auth_method_of(msg, logged_in, HOST, True, False), "smtp")
+        self.assertEqual(auth_method_of(msg, scanned, HOST, True), "smtp")
+        self.assertEqual(auth_method_of(msg, logged_in, HOST, True), "dkim")
+        self.assertEqual(auth_method_of(msg, logged_in, HOST, False), "smtp")
         ours = f"{HOST}; dkim=pass header.d=a.example header.s=sel"
         signed = parse(message(ALICE, TEAM, headers=[("Authentication-Results", ours)]))
-        self.assertEqual(auth_method_of(signed, plain, HOST, True, True), "dkim")
-        # Not trusted when the content scan (which removes forged ones) is off.
-        self.assertEqual(auth_method_of(signed, plain, HOST, False, True), "smtp")
+        self.assertEqual(auth_method_of(signed, scanned, HOST, True), "dkim")
+        # Not believed unless the content scan (which removes forged ones)
+        # judged this message: it skips large mail and relay clients.
+        self.assertEqual(auth_method_of(signed, plain, HOST, True), "smtp")
         # Someone else's Authentication-Results, or another domain's signature.
         theirs = parse(message(ALICE, TEAM, headers=[
             ("Authentication-Results", "mx.evil.example; dkim=pass header.d=a.example")]))
-        self.assertEqual(auth_method_of(theirs, plain, HOST, True, True), "smtp")
+        self.assertEqual(auth_method_of(theirs, scanned, HOST, True), "smtp")
         other = parse(message(ALICE, TEAM, headers=[
             ("Authentication-Results", f"{HOST}; dkim=pass header.d=evil.example")]))
-        self.assertEqual(auth_method_of(other, plain, HOST, True, True), "smtp")
+        self.assertEqual(auth_method_of(other, scanned, HOST, True), "smtp")
         failed = parse(message(ALICE, TEAM, headers=[
             ("Authentication-Results", f"{HOST}; dkim=fail header.d=a.example")]))
-        self.assertEqual(auth_method_of(failed, plain, HOST, True, True), "smtp")
+        self.assertEqual(auth_method_of(failed, scanned, HOST, True), "smtp")
 
 
 class ClassifyTests(ServiceCase):
@@ -335,9 +338,10 @@ class PostTests(ServiceCase):
             self.assertTrue(sender.startswith("team-bounces+"), sender)
             self.assertTrue(sender.endswith("@" + DOM), sender)
             tag = sender.partition("+")[2].partition("@")[0]
-            self.assertEqual(addresses.verify_verp_tag(TEAM, tag, KEY), (who.id, 1))
+            self.assertEqual(addresses.verify_verp_tag(TEAM, tag, KEY, who.address), (who.id, 1))
             # Another key does not vouch for it.
-            self.assertIsNone(addresses.verify_verp_tag(TEAM, tag, b"x" * 32))
+            self.assertIsNone(addresses.verify_verp_tag(TEAM, tag, b"x" * 32, who.address))
+            self.assertIsNone(addresses.verify_verp_tag(TEAM, tag, KEY, EVE))
         self.assertEqual(q.envelope.sender_of(1), q.envelope.senders[1])
         self.assertEqual((yield self.store.get_list(TEAM)).post_sequence, 1)
         # The copy: the list's fields, the author's fields kept.
@@ -361,16 +365,27 @@ class PostTests(ServiceCase):
         yield self.post_from_alice(subject="More")
         [(q2, _)] = self.take()
         tag = q2.envelope.senders[1].partition("+")[2].partition("@")[0]
-        self.assertEqual(addresses.verify_verp_tag(TEAM, tag, KEY), (bob.id, 2))
+        self.assertEqual(addresses.verify_verp_tag(TEAM, tag, KEY, BOB), (bob.id, 2))
 
     @defer.inlineCallbacks
     def test_post_with_our_own_authentication_results(self):
         ours = f"{HOST}; dkim=pass header.d=b.example header.s=sel"
-        result = yield self.deliver(TEAM, message(BOB, TEAM, headers=[
-            ("Authentication-Results", ours)]), BOB)
+        data = message(BOB, TEAM, headers=[("Authentication-Results", ours)])
+        result = yield self.deliver(TEAM, data, BOB, scanned=True)
         self.assertEqual(result.status, SENT)
         [(q, _)] = self.take()
         self.assertEqual(q.envelope.recipients, [ALICE, BOB])
+
+    @defer.inlineCallbacks
+    def test_our_authentication_results_on_unscanned_mail_is_not_believed(self):
+        """The same field on mail the content scan skipped (too large, a relay
+        client) may be forged: the post waits for its author's confirmation."""
+        ours = f"{HOST}; dkim=pass header.d=b.example header.s=sel"
+        data = message(BOB, TEAM, headers=[("Authentication-Results", ours)])
+        yield self.deliver(TEAM, data, BOB)
+        [(q, conf)] = self.take()
+        self.assertEqual(q.envelope.recipients, [BOB])
+        self.assertTrue(conf["Subject"].startswith("CONFIRM "))
 
     @defer.inlineCallbacks
     def test_not_me_member_gets_no_copy_of_own_post(self):
@@ -451,6 +466,23 @@ class PostTests(ServiceCase):
         self.assertEqual(len(self.take()), 1)
         yield self.post_from_alice(mid="<once@a.example>")
         self.assertEqual(self.take(), [])
+
+    @defer.inlineCallbacks
+    def test_same_message_id_after_a_restart(self):
+        """The Message-IDs are kept in the state database: a queue entry recovered
+        after a crash, or a resend after a restart, is not distributed twice; after
+        seven days the same Message-ID is a new post."""
+        data = message(ALICE, TEAM, mid="<restart@a.example>")
+        yield self.deliver(TEAM, data, ALICE, auth="alice")
+        self.assertEqual(len(self.take()), 1)
+        self.service = self.make_service()          # a new process
+        yield self.deliver(TEAM, data, ALICE, auth="alice")
+        self.assertEqual(self.take(), [])
+        self.advance(7 * DAY + 1)
+        yield self.service.review()
+        self.take()                                   # (dave's notice)
+        yield self.deliver(TEAM, data, ALICE, auth="alice")
+        self.assertEqual(len(self.take()), 1)
 
     @defer.inlineCallbacks
     def test_null_sender_post_is_dropped(self):
@@ -534,7 +566,7 @@ class CommandTests(ServiceCase):
         [(q, _)] = self.take()
         eve = yield self.member(EVE)
         where = yield self.service.classify(q.envelope.sender_of(0))
-        self.assertEqual(addresses.verify_bounce_recipient(where, KEY)[0], eve.id)
+        self.assertEqual(addresses.verify_bounce_recipient(where, KEY, EVE)[0], eve.id)
 
     @defer.inlineCallbacks
     def test_failed_command_queueing_is_redone(self):
@@ -608,6 +640,83 @@ class CommandTests(ServiceCase):
         self.assertEqual(self.take(), [])
 
 
+class FailureTests(ServiceCase):
+    """A queue write that fails (a full disk) must never lose a post."""
+
+    def fail_first_queueing(self):
+        real = self.service.queue_mail
+        calls = []
+
+        def queue_mail(*a, **kw):
+            calls.append(a)
+            if len(calls) == 1:
+                return defer.fail(OSError(28, "No space left on device"))
+            return real(*a, **kw)
+        self.service.queue_mail = queue_mail
+
+    @defer.inlineCallbacks
+    def test_failed_distribute_leaves_the_key_usable(self):
+        key = tokens.new_token()
+        now = self.clock.seconds()
+        yield self.store.hold(TEAM, tokens.MODERATION, tokens.hash_token(key), now + 14 * DAY,
+                              now=now, target=ALICE, requester=ALICE, subject="held",
+                              message=message(ALICE, TEAM, subject="held"))
+        self.fail_first_queueing()
+        command = message(MO, ROBOT, body=f"DISTRIBUTE team {key}\r\n")
+        yield self.deliver(ROBOT, command, MO, auth="mo")
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        # The moderator hears of an internal error, the listmaster gets an alert.
+        told = {q.envelope.recipients[0]: m for q, m in self.take()}
+        self.assertEqual(sorted(told), sorted([LISTMASTER, MO]))
+        self.assertIn("Internal error", text_of(told[MO]))
+        # The moderator tries again (another mail): distributed once.
+        yield self.deliver(ROBOT, message(MO, ROBOT, body=f"DISTRIBUTE team {key}\r\n"),
+                           MO, auth="mo")
+        copies = [q for q, m in self.take() if m["List-Id"]]
+        self.assertEqual([q.envelope.recipients for q in copies], [[ALICE, BOB]])
+        self.assertEqual((yield self.store.held_waiting(TEAM, tokens.MODERATION)), [])
+
+    @defer.inlineCallbacks
+    def test_failed_moderation_mail_is_sent_on_the_retry(self):
+        ml = yield self.store.get_list(TEAM)
+        yield self.store.update_list(TEAM, settings=dict(
+            ml.settings, scenarios={"send": "editorkeyonly"}))
+        self.fail_first_queueing()
+        data = message(ALICE, TEAM, mid="<mod@a.example>")
+        result = yield self.deliver(TEAM, data, ALICE, auth="alice")
+        self.assertEqual(result.status, "deferred")
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        result = yield self.deliver(TEAM, data, ALICE, auth="alice")
+        self.assertEqual(result.status, SENT)
+        mails = [m for q, m in self.take() if str(m["Subject"]).startswith("Moderation")]
+        self.assertEqual(len(mails), 1)
+        self.assertRegex(text_of(mails[0]), r"DISTRIBUTE team [0-9a-f]{32}")
+        # Once held and announced, the same Message-ID is a duplicate.
+        yield self.deliver(TEAM, data, ALICE, auth="alice")
+        self.assertEqual(self.take(), [])
+
+    @defer.inlineCallbacks
+    def test_a_failing_review_step_does_not_stop_the_hourly_round(self):
+        calls = []
+        real = self.store.expire_held
+
+        def expire_held(now):
+            calls.append(now)
+            if len(calls) == 1:
+                return defer.fail(RuntimeError("database is locked"))
+            return real(now)
+        self.store.expire_held = expire_held
+        # review() itself never fails (a LoopingCall stops at the first error)...
+        yield self.service.review()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        # ...and the round's other steps still ran: dave, disabled, got his notice.
+        [(q, _)] = self.take()
+        self.assertEqual(q.envelope.recipients, [DAVE])
+        self.advance(REVIEW_EVERY)
+        yield self.service.review()
+        self.assertEqual(len(calls), 2)
+
+
 class ForwardTests(ServiceCase):
 
     @defer.inlineCallbacks
@@ -636,6 +745,14 @@ class ForwardTests(ServiceCase):
         self.assertEqual(result.status, SENT)
         [(q, _)] = self.take()
         self.assertEqual(q.envelope.recipients, [OLGA])
+
+    @defer.inlineCallbacks
+    def test_spam_to_the_owner_address_is_not_forwarded(self):
+        owner = "team-owner@" + DOM
+        result = yield self.deliver(owner, message(EVE, owner, subject="pills"), EVE,
+                                    folder="Junk")
+        self.assertEqual(result.status, SENT)
+        self.assertEqual(self.take(), [])
 
     @defer.inlineCallbacks
     def test_editor_address_goes_to_moderators_else_owners(self):
@@ -687,7 +804,7 @@ class BounceTests(ServiceCase):
     @defer.inlineCallbacks
     def verp_of(self, who, sequence=1):
         m = yield self.member(who)
-        return addresses.verp_sender("team", DOM, m.id, sequence, KEY)
+        return addresses.verp_sender("team", DOM, m.id, sequence, KEY, m.address)
 
     @defer.inlineCallbacks
     def test_bounce_of_a_distributed_copy_scores_its_member(self):
@@ -711,7 +828,9 @@ class BounceTests(ServiceCase):
         yield self.bounce(f"{head}+{flipped}@{domain}", BOB)
         # A tag another appliance (key) made for the same member and post.
         bob = yield self.member(BOB)
-        yield self.bounce(addresses.verp_sender("team", DOM, bob.id, 1, b"k" * 32), BOB)
+        yield self.bounce(addresses.verp_sender("team", DOM, bob.id, 1, b"k" * 32, BOB), BOB)
+        # A tag made for another address (bob's id before bob had it).
+        yield self.bounce(addresses.verp_sender("team", DOM, bob.id, 1, KEY, EVE), BOB)
         # The plain bounce address names nobody.
         yield self.bounce(TEAM_BOUNCES, BOB)
         bob = yield self.member(BOB)
@@ -720,7 +839,8 @@ class BounceTests(ServiceCase):
 
     @defer.inlineCallbacks
     def test_temporary_and_policy_failures_count_half(self):
-        yield self.bounce((yield self.verp_of(BOB)), BOB, status="4.2.2", action="delayed")
+        # A copy given up on with a temporary status (a mailbox full for days).
+        yield self.bounce((yield self.verp_of(BOB)), BOB, status="4.2.2")
         self.assertEqual((yield self.member(BOB)).bounce_score, 0.5)
         self.advance(DAY)
         yield self.bounce((yield self.verp_of(BOB)), BOB, status="5.7.1")
@@ -775,6 +895,27 @@ class BounceTests(ServiceCase):
         # Subscribing again makes a new member id: the old tag still names nobody.
         yield self.store.add_member(TEAM, BOB)
         yield self.bounce(verp, BOB)
+        self.assertEqual((yield self.member(BOB)).bounce_score, 0.0)
+
+    @defer.inlineCallbacks
+    def test_late_bounce_of_a_removed_member_never_scores_its_ids_next_owner(self):
+        """SQLite gives the id of the last member removed to the next one added: the
+        tag's HMAC covers the address, so the old tag names nobody."""
+        yield self.store.add_member(TEAM, "typo@b.example", now=1.0)
+        old = yield self.member("typo@b.example")
+        verp = addresses.verp_sender("team", DOM, old.id, 0, KEY, "typo@b.example")
+        yield self.store.remove_member(TEAM, "typo@b.example")
+        yield self.store.add_member(TEAM, "right@b.example", now=2.0)
+        right = yield self.member("right@b.example")
+        self.assertEqual(right.id, old.id)           # what makes the case
+        yield self.bounce(verp, "typo@b.example")
+        self.assertEqual((yield self.member("right@b.example")).bounce_score, 0.0)
+
+    @defer.inlineCallbacks
+    def test_delay_warning_is_not_a_bounce(self):
+        """RFC 3464 "delayed" is a warning: the copy may still arrive."""
+        verp = yield self.verp_of(BOB)
+        yield self.bounce(verp, BOB, status="4.4.1", action="delayed")
         self.assertEqual((yield self.member(BOB)).bounce_score, 0.0)
 
     @defer.inlineCallbacks
@@ -944,6 +1085,21 @@ class ReenableAndReviewTests(ServiceCase):
         self.assertEqual(q.envelope.recipients, [ALICE])
         self.assertIn("not approved", text_of(told))
 
+    @defer.inlineCallbacks
+    def test_expired_spam_post_author_not_told(self):
+        """A spam-tagged outsider post held quietly (3.3): nothing goes to its
+        (probably forged) From, not even when it expires."""
+        ml = yield self.store.get_list(TEAM)
+        yield self.store.update_list(TEAM, settings=dict(
+            ml.settings, scenarios={"send": "privateoreditorkey"}))
+        spammer = "forged@victim.example"
+        yield self.deliver(TEAM, message(spammer, TEAM, subject="cheap pills"), spammer,
+                           folder="Junk")
+        self.assertEqual([q.envelope.recipients for q, _ in self.take()], [[MO]])
+        self.advance(15 * DAY)
+        yield self.service.expire_held()
+        self.assertEqual(self.take(), [])
+
 
 @implementer(IRemoteDelivery)
 class BouncingRemote:
@@ -1000,8 +1156,9 @@ class ThroughTheQueueTests(ServiceCase):
         alice, bob = (yield self.member(ALICE)), (yield self.member(BOB))
         senders = {rcpts[0]: sender for sender, _, rcpts in remote.calls}
         self.assertEqual(sorted(senders), [ALICE, BOB])
-        self.assertEqual(senders[ALICE], addresses.verp_sender("team", DOM, alice.id, 1, KEY))
-        self.assertEqual(senders[BOB], addresses.verp_sender("team", DOM, bob.id, 1, KEY))
+        self.assertEqual(senders[ALICE],
+                         addresses.verp_sender("team", DOM, alice.id, 1, KEY, ALICE))
+        self.assertEqual(senders[BOB], addresses.verp_sender("team", DOM, bob.id, 1, KEY, BOB))
         self.assertEqual(len(remote.calls), 2)
         # The queue's notice about bob went to bob's VERP address, i.e. back to the list.
         self.assertEqual((bob.bounce_score, alice.bounce_score), (1.0, 0.0))

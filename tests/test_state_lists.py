@@ -73,11 +73,25 @@ class ListTests(TablesCase):
         self.tx(sl.add_member, LIST, "ann@example.test")
         self.tx(sl.add_role, LIST, "own@example.test", "owner")
         self.tx(sl.hold, LIST, "post", TOKEN, expires=10)
+        self.tx(sl.remember_post, LIST, "<p@x>", 1.0)
         self.assertEqual(self.tx(sl.delete_list, LIST), 1)
         self.assertEqual(self.tx(sl.delete_list, LIST), 0)
-        for table in ("list_members", "list_roles", "list_held"):
+        for table in ("list_members", "list_roles", "list_held", "list_posts_seen"):
             self.assertEqual(self.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0],
                              0, table)
+
+    def test_posts_seen(self):
+        self.tx(sl.create_list, LIST)
+        self.assertFalse(self.tx(sl.post_seen, LIST, "<a@x>", 0.0))
+        self.tx(sl.remember_post, LIST, "<a@x>", 100.0)
+        self.assertTrue(self.tx(sl.post_seen, LIST, "<a@x>", 99.0))
+        self.assertFalse(self.tx(sl.post_seen, LIST, "<a@x>", 100.0))   # too old
+        self.assertFalse(self.tx(sl.post_seen, "other@lists.example.test", "<a@x>", 0.0))
+        self.tx(sl.remember_post, LIST, "<a@x>", 200.0)                 # seen again
+        self.tx(sl.remember_post, LIST, "<b@x>", 150.0)
+        self.assertEqual(self.tx(sl.forget_posts, 160.0), 1)
+        self.assertEqual([r[0] for r in self.conn.execute(
+            "SELECT message_id FROM list_posts_seen")], ["<a@x>"])
 
     def test_no_such_list(self):
         for fn, args in ((sl.add_member, ("a@b.test",)), (sl.members, ()),
@@ -236,6 +250,7 @@ class SchemaTests(TablesCase):
         old.execute("INSERT INTO greylist VALUES ('192.0.2.0/24','a@x.test','b@y.test',"
                     "1,1,1,0,0,99)")
         old.execute("PRAGMA user_version=1")
+        # (a file of schema 2 had the list tables but not list_posts_seen: the same path)
         old.commit()
         old.close()
         conn = state.connect(path)

@@ -332,7 +332,8 @@ class ContentScan:
         if self.judge:
             raw = remove_fields(raw, self._forged)
         top = "".join(f"{n}: {_clean(v)}\r\n" for n, v in fields).encode("utf-8", "replace")
-        self._amend(view.incoming, top + raw, j.action, j.add_recipients, j.remove_recipients)
+        self._amend(view.incoming, top + raw, j.action, j.add_recipients, j.remove_recipients,
+                    scanned=bool(self.judge))
         return None
 
     def summary_fields(self, j):
@@ -354,8 +355,9 @@ class ContentScan:
             return _authserv_id(value) == self.authserv_id
         return name in OUR_SPAM_FIELDS
 
-    def _amend(self, inc, data, action, add_rcpts, remove_rcpts):
+    def _amend(self, inc, data, action, add_rcpts, remove_rcpts, scanned=False):
         env = copy.copy(inc.envelope)
+        env.scanned = scanned
         if action == "junk" and not env.folder:
             env.folder = "Junk"
         if add_rcpts or remove_rcpts:

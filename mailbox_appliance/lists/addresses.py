@@ -187,30 +187,30 @@ def _read_uvarint(data, pos):
     raise ValueError("bad number")
 
 
-def _mac(key, list_addr, payload):
+def _mac(key, list_addr, payload, member):
     if not isinstance(key, (bytes, bytearray)) or len(key) < 16:
         raise ValueError("the VERP key is at least 16 bytes")
-    # The list address is under the MAC so a tag of one list is worthless at another.
-    msg = b"verp\0" + list_addr.lower().encode("ascii") + b"\0" + payload
+    # The list address is under the MAC so a tag of one list is worthless at
+    # another; the member's address so that a tag of a removed member names
+    # nobody once its id is given to someone else (SQLite reuses the last id).
+    msg = (b"verp\0" + list_addr.lower().encode("ascii") + b"\0"
+           + str(member).lower().encode("utf-8") + b"\0" + payload)
     return hmac.new(bytes(key), msg, hashlib.sha256).digest()[:VERP_MAC_BYTES]
 
 
-def make_verp_tag(list_addr, member_id, sequence, key) -> str:
-    """The TAG of ``LIST-bounces+TAG@``: base32 of (member id, post sequence) and the HMAC."""
+def make_verp_tag(list_addr, member_id, sequence, key, member="") -> str:
+    """The TAG of ``LIST-bounces+TAG@``: base32 of (member id, post sequence) and the
+    HMAC of those with the list and the member's address."""
     for n in (member_id, sequence):
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= _MAX_VERP_NUMBER:
             raise ValueError("member id and sequence are integers from 0 to 2**63-1")
     payload = _uvarint(member_id) + _uvarint(sequence)
-    raw = payload + _mac(key, list_addr, payload)
+    raw = payload + _mac(key, list_addr, payload, member)
     return base64.b32encode(raw).decode("ascii").rstrip("=").lower()
 
 
-def verify_verp_tag(list_addr, tag, key) -> tuple[int, int] | None:
-    """(member id, post sequence) of a tag this key made for this list, else None.
-
-    The HMAC is compared in constant time; anything malformed is None, never an
-    exception, since the tag comes from whoever sent the bounce.
-    """
+def _decode_tag(tag):
+    """(member id, sequence, payload, mac) of a well-formed tag, else None."""
     if not isinstance(tag, str) or not _TAG.match(tag):
         return None
     text = tag.upper()
@@ -228,23 +228,45 @@ def verify_verp_tag(list_addr, tag, key) -> tuple[int, int] | None:
         return None
     if pos != len(payload) or member_id > _MAX_VERP_NUMBER or sequence > _MAX_VERP_NUMBER:
         return None
-    if not hmac.compare_digest(mac, _mac(key, list_addr, payload)):
+    return member_id, sequence, payload, mac
+
+
+def verp_tag_member(tag) -> int | None:
+    """The member id a tag claims, NOT verified: which member to look up so that
+    ``verify_verp_tag`` can check the tag with that member's address."""
+    decoded = _decode_tag(tag)
+    return decoded[0] if decoded else None
+
+
+def verify_verp_tag(list_addr, tag, key, member="") -> tuple[int, int] | None:
+    """(member id, post sequence) of a tag this key made for this list and member
+    address, else None.
+
+    The HMAC is compared in constant time; anything malformed is None, never an
+    exception, since the tag comes from whoever sent the bounce.
+    """
+    decoded = _decode_tag(tag)
+    if decoded is None:
+        return None
+    member_id, sequence, payload, mac = decoded
+    if not hmac.compare_digest(mac, _mac(key, list_addr, payload, member)):
         return None
     # One encoding per value: a re-encoded tag (e.g. a padded varint) is not ours.
-    if make_verp_tag(list_addr, member_id, sequence, key) != tag.lower():
+    if make_verp_tag(list_addr, member_id, sequence, key, member) != tag.lower():
         return None
     return member_id, sequence
 
 
-def verp_sender(list_name, domain, member_id, sequence, key) -> str:
+def verp_sender(list_name, domain, member_id, sequence, key, member="") -> str:
     """The envelope sender of one member's copy: ``LIST-bounces+TAG@domain``."""
     name, dom = list_name.lower(), domain.lower()
-    tag = make_verp_tag(f"{name}@{dom}", member_id, sequence, key)
+    tag = make_verp_tag(f"{name}@{dom}", member_id, sequence, key, member)
     return f"{name}-bounces+{tag}@{dom}"
 
 
-def verify_bounce_recipient(address, key) -> tuple[int, int] | None:
-    """For a ``ListAddress`` of kind BOUNCES with a tag: (member id, sequence) or None."""
+def verify_bounce_recipient(address, key, member="") -> tuple[int, int] | None:
+    """For a ``ListAddress`` of kind BOUNCES with a tag made for ``member`` (its
+    address): (member id, sequence) or None."""
     if not isinstance(address, ListAddress) or address.kind != BOUNCES or not address.tag:
         return None
-    return verify_verp_tag(address.list_address, address.tag, key)
+    return verify_verp_tag(address.list_address, address.tag, key, member)

@@ -5,7 +5,7 @@ A copy of a post leaves with the envelope sender ``LIST-bounces+TAG@``,
 the TAG naming the member and the post under an HMAC
 (``addresses.verp_sender``), so a bounce names its member without parsing
 and a forged bounce names nobody. ``dsn_statuses`` reads the RFC 3464 part
-for the status codes of failed or delayed recipients; mail that is no
+for the status codes of failed recipients (a delay warning is none); mail that is no
 delivery report at all (an auto-reply sent to the envelope sender, a
 mailer's home-made bounce) is not scored but counted for the owners' daily
 summary, and a report of successful delivery is nothing. ``score`` turns a
@@ -58,8 +58,8 @@ class BounceState:
 
 
 def dsn_statuses(raw: bytes) -> list | None:
-    """The Status codes ("5.1.1", ...) of a delivery report's failed or delayed
-    recipients ([] when it reports only successes); None when the message is no
+    """The Status codes ("5.1.1", ...) of a delivery report's failed recipients
+    ([] when it reports only delays or successes); None when the message is no
     RFC 3464 report."""
     try:
         msg = email.message_from_bytes(raw[:1024 * 1024], policy=email.policy.compat32)
@@ -77,7 +77,9 @@ def dsn_statuses(raw: bytes) -> list | None:
         for block in blocks[:MAX_STATUSES]:
             action = (block.get("Action") or "").strip().lower()
             m = _STATUS.match(block.get("Status") or "")
-            if m and action in ("failed", "delayed", ""):
+            # Only "failed": "delayed" is a warning about a copy that may
+            # still arrive (RFC 3464 2.3.3), and the rest report success.
+            if m and action == "failed":
                 out.append(".".join(m.groups()))
         break
     return out

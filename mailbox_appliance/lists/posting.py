@@ -114,7 +114,9 @@ def _encode(value, charset):
     """An unstructured field value, RFC 2047-encoded in ``charset`` when not ASCII."""
     if value.isascii():
         return value
-    return email.header.Header(value, charset or "utf-8", maxlinelen=76).encode()
+    # Folded with CRLF like the rest of the message (the default is a bare LF).
+    return email.header.Header(value, charset or "utf-8", maxlinelen=76).encode(
+        linesep="\r\n")
 
 
 def _decoded_subject(raw_value: bytes):
@@ -248,7 +250,8 @@ def prepare_post(raw, list_name, domain, robot="lists", description="", subject_
     if footer:
         kept, body = _with_footer(kept, body, footer)
     posting = address_of(list_name, domain)
-    label = description.replace('"', "").replace("\\", "") if description else ""
+    # The List-Id phrase (RFC 2919) without the specials that would end it early.
+    label = " ".join(re.sub(r'[<>()\[\]:;@,"\\\x00-\x1f\x7f]', " ", description or "").split())
     ours = [
         ("List-Id", f"{_encode(label, 'utf-8') + ' ' if label else ''}"
                     f"<{list_id(list_name, domain)}>"),

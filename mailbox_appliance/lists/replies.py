@@ -180,6 +180,12 @@ class RecentMessageIds:
 
 # -- headers of the incoming mail ----------------------------------------------------------
 
+def message_id_of(msg) -> str | None:
+    """The Message-ID of ``msg`` as received (unfolded, stripped), or None: the key
+    of the duplicate checks."""
+    return (raw_header(msg, "Message-ID") or "").strip() or None
+
+
 def raw_header(msg, name, limit=8192) -> str | None:
     """The first ``name`` field of ``msg`` as received (unfolded, not decoded), bounded."""
     values = raw_headers(msg, name, limit, most=1)

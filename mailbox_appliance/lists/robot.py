@@ -28,6 +28,7 @@ silently. Never the member's address.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import email.policy
 import email.utils
@@ -49,6 +50,8 @@ log = Logger()
 # Bounds.
 MAX_ALERTS_PER_HOUR = 20
 MAX_HELD_PER_HOUR = 30          # requests one sender may have held per hour
+# The action of a moderation hold whose author must not be told anything (spam, quiet).
+QUIET_HOLD = "quiet"
 MAX_OPEN_CONFIRMATIONS = 3      # open confirmation requests per (list, target), section 3.4
 MAX_REVIEW = 2000               # members named in one REVIEW reply (the reply is 64 KiB anyway)
 PAGE = 500                      # members read at a time
@@ -211,7 +214,7 @@ class CommandRobot:
     (may return a Deferred). ``list_dirs(ml)``: a list's own scenario folders.
     ``own_address(addr)``: whether an address is one of ours (mail from it is
     a loop). ``filters``: named address sets for ``search``. ``verp(ml,
-    member_id)``: the VERP envelope sender of mail to a member, used for the
+    member)``: the VERP envelope sender of mail to a member, used for the
     welcome so that a dead new address bounces to its member (lists.md 4.7).
     """
 
@@ -229,6 +232,7 @@ class CommandRobot:
         self.own_address = own_address
         self.filters = filters or {}
         self.verp = verp
+        self._claimed = set()       # ids of held posts being distributed right now
         self.reply_limit = replies.ReplyRateLimit(self.clock)
         self.failed_lookups = tokens.FailedLookups(self.clock)
         self.seen = replies.RecentMessageIds(self.clock)
@@ -319,8 +323,11 @@ class CommandRobot:
                  author=author, method=auth_method, action=action, rule=decision.rule)
         # Counted as distributed only when accepted (lists.md 4.2): a refused
         # post sent again after subscribing is a new post.
-        outcome.message_id = (replies.raw_header(msg, "Message-ID") or "").strip() or None
-        outcome.committed = action in ("do_it", "editorkey", "editor")
+        outcome.message_id = replies.message_id_of(msg)
+        # Only a distribution is done for good before the outgoing mail: a held
+        # post whose moderation mail failed is held again on the retry (its
+        # key lived only in that mail).
+        outcome.committed = action == "do_it"
         if action == "do_it":
             await self._hand_over(ml, raw, author)
             if decision.notify:
@@ -340,7 +347,8 @@ class CommandRobot:
             self._mail(s, ml, [author], f"CONFIRM {token}", text,
                        reply_to=addresses.confirm_address(ml.name, domain, token), attach=raw)
         elif action in ("editorkey", "editor"):
-            await self._hold_for_moderation(s, ml, raw, author, subject, attach=not spam)
+            await self._hold_for_moderation(s, ml, raw, author, subject, attach=not spam,
+                                            quiet=quiet)
             if not quiet:
                 self._mail(s, ml, [author], f"Awaiting moderation: {subject}"[:200],
                            f"Your message to {ml.address}"
@@ -427,8 +435,7 @@ class CommandRobot:
             # "no command found", notes, ignored lines.
             commands.report_parse(dataclasses.replace(parsed, items=[]), session.results)
         outcome = RobotOutcome(outgoing=session.outgoing, results=session.results,
-                               message_id=(replies.raw_header(msg, "Message-ID") or "").strip()
-                               or None)
+                               message_id=replies.message_id_of(msg))
         if reply:
             mail = replies.build_reply(session.results, robot, sender,
                                        in_reply_to=replies.raw_header(msg, "Message-ID"),
@@ -586,8 +593,11 @@ class CommandRobot:
 
     async def _open_confirmations(self, ml, target):
         waiting = await self.store.held_waiting(ml.address, tokens.REQUEST)
+        # (A disabled member's re-enable token, hold_reenable, is no request
+        # of anyone's and must not block the member's own.)
         return sum(1 for h in waiting
-                   if h.target == (target or "").lower() and h.expires > self.clock())
+                   if h.target == (target or "").lower() and h.expires > self.clock()
+                   and not h.action.startswith("SET "))
 
     async def _ask_confirmation(self, s, cmd, ml, sender, target, to, line):
         """Hold the request and mail its token to ``to`` (section 3.4)."""
@@ -757,20 +767,44 @@ class CommandRobot:
         if decision.action not in ("do_it", "editorkey", "editor"):
             s.results.add(ERRORS, cmd.line, "Internal error; the listmaster was told.")
             return
-        if not await self.store.settle_held(held.id, s.sender, s.now):
-            s.results.add(ERRORS, cmd.line, "Already handled by someone else.")
-            return
         if data is None:
             s.results.add(ERRORS, cmd.line, "The message is no longer available.")
             return
         data = _prepend_header(data, "X-Validation-By", s.sender)
+        with self._claim(held) as mine:
+            if not mine:
+                s.results.add(ERRORS, cmd.line, "Already handled by someone else.")
+                return
+            if decision.action == "do_it":
+                await self._hand_over(ml, data, held.requester)
+            else:
+                await self._hold_for_moderation(s, ml, data, held.requester, held.subject)
+            if not await self.store.settle_held(held.id, s.sender, s.now):
+                s.results.add(ERRORS, cmd.line, "Already handled by someone else.")
+                return
         if decision.action == "do_it":
-            await self._hand_over(ml, data, held.requester)
             s.results.add(DONE, cmd.line, f"Your message to {ml.address} was distributed.")
         else:
-            await self._hold_for_moderation(s, ml, data, held.requester, held.subject)
             s.results.add(PENDING, cmd.line,
                           f"Your message to {ml.address} awaits the moderators.")
+
+    @contextlib.contextmanager
+    def _claim(self, held):
+        """While a held post is being distributed, nobody else may act on it.
+
+        The post is handed over first and the request settled after (settling
+        drops the stored message): a distribution that fails leaves the
+        request as it was, and the key or token works again, instead of a
+        post marked handled that never went out.
+        """
+        if held.id in self._claimed:
+            yield False
+            return
+        self._claimed.add(held.id)
+        try:
+            yield True
+        finally:
+            self._claimed.discard(held.id)
 
     async def _decline(self, s, cmd):
         held = await self._lookup(s, cmd)
@@ -825,15 +859,17 @@ class CommandRobot:
     async def _release(self, s, cmd, ml, held, distribute, reason=""):
         """DISTRIBUTE or REJECT a held post; the first moderator to act wins (3.3)."""
         data = await self.store.held_message(held.id) if distribute else None
-        if not await self.store.settle_held(held.id, s.sender, s.now):
-            s.results.add(ERRORS, cmd.line, "Already moderated by someone else.")
-            return
         author = held.requester
-        if distribute:
-            if data is None:
-                s.results.add(ERRORS, cmd.line, "The message is no longer available.")
+        if distribute and data is None:
+            s.results.add(ERRORS, cmd.line, "The message is no longer available.")
+            return
+        with self._claim(held) as mine:
+            if mine and distribute:
+                await self._hand_over(ml, data, author)
+            if not mine or not await self.store.settle_held(held.id, s.sender, s.now):
+                s.results.add(ERRORS, cmd.line, "Already moderated by someone else.")
                 return
-            await self._hand_over(ml, data, author)
+        if distribute:
             s.results.add(DONE, cmd.line, f"The message from {author} was distributed.")
             if not cmd.quiet and author:
                 self._mail(s, ml, [author], f"Your message to {ml.name} was distributed",
@@ -866,11 +902,16 @@ class CommandRobot:
         # Keys are stored hashed: they are in the moderation mails, not here.
         s.results.add(DONE, cmd.line, lines[0], "\n  ".join(lines[1:]) or "-")
 
-    async def _hold_for_moderation(self, s, ml, data, author, subject, attach=True):
-        """Hold a post with a key and mail the moderators (else owners, else listmasters)."""
+    async def _hold_for_moderation(self, s, ml, data, author, subject, attach=True,
+                                   quiet=False):
+        """Hold a post with a key and mail the moderators (else owners, else listmasters).
+
+        ``quiet`` (spam, or the scenario's ``quiet``): the author is not to hear
+        of it, not even when it expires (``action`` QUIET_HOLD marks it so)."""
         key = tokens.new_token()
         await self.store.hold(ml.address, tokens.MODERATION, tokens.hash_token(key),
                               s.now + self.lifetimes.of(tokens.MODERATION), now=s.now,
+                              action=QUIET_HOLD if quiet else "",
                               target=author, requester=author, subject=subject, message=data)
         mods = [a for a, _ in await self.store.role_holders(ml.address, "moderator")]
         if not mods:
@@ -1078,7 +1119,7 @@ class CommandRobot:
         if self.verp is None:
             return None
         member = await self.store.get_member(ml.address, target)
-        return self.verp(ml, member.id) if member is not None else None
+        return self.verp(ml, member) if member is not None else None
 
     def _welcome(self, s, ml, target, sender=None):
         self._mail(s, ml, [target], f"Welcome to {ml.name}",

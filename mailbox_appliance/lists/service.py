@@ -44,8 +44,8 @@ from mailbox_appliance.antispam.dkim_sign import nacl_available, sign_message
 from mailbox_appliance.delivery.result import DEFERRED, SENT, RecipientResult
 from mailbox_appliance.interfaces import IListAgent
 from mailbox_appliance.lists import addresses, bounces, posting, tokens
-from mailbox_appliance.lists.replies import RecentMessageIds, field_names
-from mailbox_appliance.lists.robot import CommandRobot
+from mailbox_appliance.lists.replies import field_names, message_id_of
+from mailbox_appliance.lists.robot import QUIET_HOLD, CommandRobot
 from mailbox_appliance.lists.scenario import ScenarioLibrary
 from mailbox_appliance.maillog import mail_event
 from mailbox_appliance.queue.spool import Envelope
@@ -58,6 +58,7 @@ PAGE = 1000                 # members read at a time while distributing
 MAX_SEQUENCES = 1000        # distributions whose bounce counts are kept for the mass-bounce guard
 REVIEW_EVERY = 3600.0       # how often expiries and disabled members are looked at
 SUMMARY_EVERY = 86400.0     # how often owners hear of mail to -bounces that was no report
+SEEN_POSTS_FOR = 7 * 86400.0  # how long a post's Message-ID makes a resend a duplicate
 # Delivery modes that take single copies (the digest of 4.8 will take "digest").
 SINGLE_COPY_MODES = frozenset({"mail", "not_me", "txt", "html", "urlize"})
 
@@ -92,17 +93,19 @@ def load_key(data_dir) -> bytes:
     return key
 
 
-def auth_method_of(msg, envelope, hostname, trust_results, from_match):
+def auth_method_of(msg, envelope, hostname, from_match):
     """The scenario auth level a message earned: "dkim" or "smtp" (lists.md 2.3).
 
     "dkim": a DKIM signature of the From: domain (or its parent) verified by
-    us, as our own Authentication-Results field says (trusted only when the
-    content scan runs, since it removes forged ones); or mail submitted by a
-    logged-in user whose From: the submission port checks.
+    us, as our own Authentication-Results field says (believed only when the
+    content scan judged this very message, ``envelope.scanned``: it removes
+    forged ones first, and a message it skipped, too large or from a relay
+    client, may still carry one); or mail submitted by a logged-in user whose
+    From: the submission port checks.
     """
     if envelope.auth and from_match:
         return "dkim"
-    if not trust_results:
+    if not envelope.scanned:
         return "smtp"
     frm = email.utils.parseaddr(str(msg.get("From", "")))[1].lower()
     domain = frm.rpartition("@")[2]
@@ -142,7 +145,6 @@ class ListService(Service):
         self.postmaster = (config.delivery.postmaster
                            or f"postmaster@{config.server.domains[0]}")
         self.listmasters = tuple(a.lower() for a in config.lists.listmasters)
-        self.trust_results = config.antispam.content.enabled
         self.from_match = config.submission.from_header_match
         dk = config.antispam.dkim
         # The copies are signed for the list domain like submitted mail
@@ -154,7 +156,6 @@ class ListService(Service):
                                   listmasters=self.listmasters or (self.postmaster,),
                                   distribute=self.distribute, own_address=self.is_own,
                                   verp=self._welcome_sender)
-        self.seen_posts = {}            # list address -> RecentMessageIds (7 days)
         self._names = {}                # domain -> (until, frozenset of list names)
         self._sent = collections.OrderedDict()   # (list, sequence) -> [copies, bounced, warned]
         self._review = None
@@ -267,7 +268,8 @@ class ListService(Service):
 
     def _spam(self, qmsg, msg):
         return qmsg.envelope.folder == "Junk" or (
-            self.trust_results and str(msg.get("X-Spam-Flag", "")).strip().upper() == "YES")
+            qmsg.envelope.scanned
+            and str(msg.get("X-Spam-Flag", "")).strip().upper() == "YES")
 
     @defer.inlineCallbacks
     def _command(self, qmsg, raw, where):
@@ -277,8 +279,7 @@ class ListService(Service):
         outcome = yield self.robot.handle(
             msg, env.sender, where.kind, where.domain, list_name=where.list_name,
             token=where.token, spam=self._spam(qmsg, msg),
-            auth_method=auth_method_of(msg, env, self.hostname, self.trust_results,
-                                       self.from_match))
+            auth_method=auth_method_of(msg, env, self.hostname, self.from_match))
         if outcome.dropped:
             mail_event(self.log, f"{qmsg.qid}: list robot dropped the mail: {outcome.dropped}",
                        qid=qmsg.qid)
@@ -289,26 +290,26 @@ class ListService(Service):
     def _post(self, qmsg, raw, where):
         msg = self._parse(raw)
         env = qmsg.envelope
-        seen = self.seen_posts.get(where.list_address)
-        if seen is None:
-            seen = self.seen_posts[where.list_address] = RecentMessageIds(
-                self.reactor.seconds, window=7 * 86400.0, max_ids=20000)
+        mid = message_id_of(msg)
+        since = self.reactor.seconds() - SEEN_POSTS_FOR
+        known = bool(mid) and (yield self.store.post_seen(where.list_address, mid, since))
         outcome = yield self.robot.post(
             raw, msg, env.sender, where.list_name, where.domain,
-            auth_method=auth_method_of(msg, env, self.hostname, self.trust_results,
-                                       self.from_match),
-            spam=self._spam(qmsg, msg), seen_message_id=seen.known)
+            auth_method=auth_method_of(msg, env, self.hostname, self.from_match),
+            spam=self._spam(qmsg, msg), seen_message_id=lambda _mid: known)
         if outcome.dropped:
             mail_event(self.log, f"{qmsg.qid}: post to {where.list_address} not distributed: "
                                  f"{outcome.dropped}", qid=qmsg.qid)
         # A post counts as taken once what it caused is committed: a failure
         # before that defers the mail, and the queue's retry must not be
-        # discarded as a duplicate (a distribution or hold already made is).
+        # discarded as a duplicate (a distribution already made is).
         if outcome.message_id and outcome.committed:
-            seen.remember(outcome.message_id)
+            yield self.store.remember_post(where.list_address, outcome.message_id,
+                                           self.reactor.seconds())
         yield self._queue_all(qmsg, outcome.outgoing)
-        if outcome.message_id:
-            seen.remember(outcome.message_id)
+        if outcome.message_id and not outcome.committed:
+            yield self.store.remember_post(where.list_address, outcome.message_id,
+                                           self.reactor.seconds())
 
     @defer.inlineCallbacks
     def _queue_all(self, qmsg, outgoing):
@@ -360,7 +361,7 @@ class ListService(Service):
                     continue
                 rcpts.append(m.address)
                 senders.append(addresses.verp_sender(ml.name, ml.domain, m.id, sequence,
-                                                     self.key))
+                                                     self.key, m.address))
             after = page[-1].address
             if len(page) < PAGE:
                 break
@@ -376,9 +377,10 @@ class ListService(Service):
                              f"<{sender}> to {len(rcpts)} members", qid=queued.qid)
         return queued
 
-    def _welcome_sender(self, ml, member_id):
+    def _welcome_sender(self, ml, member):
         # Sequence 0: no post, so a bounce of it never counts towards a mass bounce.
-        return addresses.verp_sender(ml.name, ml.domain, member_id, 0, self.key)
+        return addresses.verp_sender(ml.name, ml.domain, member.id, 0, self.key,
+                                     member.address)
 
     def _signed(self, data, domain):
         """``data`` with a DKIM signature of ``domain`` when signing is on and a key exists."""
@@ -430,6 +432,10 @@ class ListService(Service):
             mail_event(self.log, f"{qmsg.qid}: mail to <{via}> dropped: it went through "
                                  "there before (X-Loop)", qid=qmsg.qid)
             return
+        if self._spam(qmsg, msg):
+            # Not relayed to (often remote) owners from our address.
+            mail_event(self.log, f"{qmsg.qid}: spam to <{via}> not forwarded", qid=qmsg.qid)
+            return
         if not qmsg.envelope.sender and where.kind != addresses.LISTMASTER:
             # A bounce or notice to -owner: the owners would only get noise.
             mail_event(self.log, f"{qmsg.qid}: mail from the null sender to <{via}> "
@@ -443,17 +449,21 @@ class ListService(Service):
 
     @defer.inlineCallbacks
     def _bounce(self, qmsg, raw, where):
-        found = addresses.verify_bounce_recipient(where, self.key)
+        claimed = addresses.verp_tag_member(where.tag) if where.tag else None
+        member = None
+        if claimed is not None:
+            member = yield self.store.member_by_id(where.list_address, claimed)
+        found = None
+        if member is not None:
+            found = addresses.verify_bounce_recipient(where, self.key, member.address)
         if found is None:
+            # A forged tag, or one of a former member (whose id may be someone
+            # else's now: the tag's HMAC covers the address it was made for).
             mail_event(self.log, f"{qmsg.qid}: bounce to {where.list_address}-bounces "
-                                 f"without a valid tag, ignored", qid=qmsg.qid)
+                                 f"without a valid tag of a current member, ignored",
+                       qid=qmsg.qid)
             return
-        member_id, sequence = found
-        member = yield self.store.member_by_id(where.list_address, member_id)
-        if member is None:
-            mail_event(self.log, f"{qmsg.qid}: bounce for a former member of "
-                                 f"{where.list_address}, ignored", qid=qmsg.qid)
-            return
+        sequence = found[1]
         statuses = bounces.dsn_statuses(raw)
         if statuses is None:
             # An auto-reply to the envelope sender or a home-made bounce:
@@ -532,11 +542,20 @@ class ListService(Service):
 
     @defer.inlineCallbacks
     def review(self):
-        """The hourly round: held requests whose time is up, then disabled members."""
-        yield self.expire_held()
-        yield self.review_disabled()
+        """The hourly round: held requests whose time is up, disabled members, the
+        daily summary. A step that fails is logged and tried again next hour
+        (an error must not stop the LoopingCall for good)."""
+        steps = [self.expire_held, self.review_disabled, self._forget_posts]
         if self.reactor.seconds() >= self._summary_due:
-            yield self.summarise_unparsed()
+            steps.append(self.summarise_unparsed)
+        for step in steps:
+            try:
+                yield step()
+            except Exception:
+                self.log.failure("list review: {step} failed", step=step.__name__)
+
+    def _forget_posts(self):
+        return self.store.forget_posts(self.reactor.seconds() - SEEN_POSTS_FOR)
 
     @defer.inlineCallbacks
     def summarise_unparsed(self):
@@ -560,7 +579,8 @@ class ListService(Service):
         """Forget held requests past their lifetime; a moderated post's author is told
         it was not approved in time (lists.md 3.3); other expiries are silent."""
         for held in (yield self.store.expire_held(self.reactor.seconds())):
-            if held.kind == tokens.MODERATION and held.requester:
+            if held.kind == tokens.MODERATION and held.requester and \
+                    held.action != QUIET_HOLD:
                 yield self._notice(
                     held.list_address, [held.requester],
                     f"Not approved in time: {held.subject}"[:200],

@@ -74,6 +74,10 @@ class Envelope:
     # when every copy goes out with ``sender``): a list's distribution, whose
     # copies each carry their member's VERP address, is one queue entry.
     senders: list = field(default_factory=list)
+    # The content scan judged the message and removed every
+    # Authentication-Results field that claimed to be ours before adding its
+    # own: only then may later stages (the list server) believe ours.
+    scanned: bool = False
 
     def to_json(self) -> bytes:
         d = self.__dict__
@@ -88,6 +92,8 @@ class Envelope:
             d = {k: v for k, v in d.items() if k != "folder"}
         if not self.senders:
             d = {k: v for k, v in d.items() if k != "senders"}
+        if not self.scanned:
+            d = {k: v for k, v in d.items() if k != "scanned"}
         return json.dumps(d, ensure_ascii=True, separators=(",", ":")).encode()
 
     def notify_of(self, idx) -> str:
@@ -117,7 +123,7 @@ class Envelope:
                 not all(isinstance(l, list) and all(isinstance(r, str) for r in l)
                         for l in lists) or \
                 isinstance(env.arrival, bool) or not isinstance(env.arrival, (int, float)) or \
-                not isinstance(env.eight_bit, bool):
+                not isinstance(env.eight_bit, bool) or not isinstance(env.scanned, bool):
             raise ValueError("bad envelope types")
         return env
 
