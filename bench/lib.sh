@@ -20,3 +20,34 @@ start_appliance() {
   echo "the appliance did not start; see $1/twistd.log" >&2
   return 1
 }
+
+# wait_listen PORT: wait until something listens on 127.0.0.1:PORT (TCP).
+wait_listen() {
+  for _ in $(seq 100); do
+    ss -Hltn "sport = :$1" 2>/dev/null | grep -q . && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2; return 1
+}
+
+# start_bench_dns WORKDIR DOMAINS: bench/relay_dns.py in the background for
+# d000.bench ... (DOMAINS of them; log WORKDIR/dns.log); sets DNS_PID and DNS_PORT.
+start_bench_dns() {
+  "$PY" "$here/bench/relay_dns.py" --port-file "$1/dns.port" --domains "$2" \
+    >"$1/dns.log" 2>&1 &
+  DNS_PID=$!
+  for _ in $(seq 100); do [ -s "$1/dns.port" ] && break; sleep 0.1; done
+  [ -s "$1/dns.port" ] || { echo "the DNS server did not start; see $1/dns.log" >&2; return 1; }
+  DNS_PORT="$(cat "$1/dns.port")"
+}
+
+# start_sink WORKDIR: Postfix's smtp-sink ($SMTP_SINK) in the background on a free
+# loopback port, its running counters (-c: sess=, quit=, mesg=, rewritten after
+# every message) in WORKDIR/sink.count; sets SINK_PID and SINK_PORT.
+start_sink() {
+  SINK_PORT="$(free_port)"
+  "$SMTP_SINK" -u nobody -c -4 -h sink.bench.test "127.0.0.1:$SINK_PORT" 256 \
+    >"$1/sink.count" 2>"$1/sink.err" &
+  SINK_PID=$!
+  wait_listen "$SINK_PORT"
+}

@@ -60,13 +60,13 @@ fi
 
 work="$(mktemp -d "${BENCH_DIR:-/var/tmp}/mailappliance-relay.XXXXXX")"
 chmod 755 "$work"       # Postfix's and Dovecot's unprivileged processes reach their files
-dns_pid=""; sink_pid=""; app_pid=""; pf_started=""; dovecot_started=""
+app_pid=""; pf_started=""; dovecot_started=""
 cleanup() {
   local p
   set +e
   # The appliance runs in a $(...) subshell: its pid is in a file.
   [ -s "$work/appliance.pid" ] && app_pid="$(cat "$work/appliance.pid")"
-  for p in "$app_pid" "$sink_pid" "$dns_pid"; do
+  for p in "$app_pid" "${SINK_PID:-}" "${DNS_PID:-}"; do
     [ -n "$p" ] && kill "$p" 2>/dev/null && wait "$p" 2>/dev/null
   done
   [ -n "$pf_started" ] && postfix -c "$work/postfix/etc" stop >/dev/null 2>&1
@@ -80,30 +80,13 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_listen() {  # port: wait until something listens on 127.0.0.1:port (TCP)
-  for _ in $(seq 100); do
-    ss -Hltn "sport = :$1" 2>/dev/null | grep -q . && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on port $1" >&2; return 1
-}
-
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 # ---- the DNS server and the sink, shared by every measurement of the run ----
-"$PY" "$here/bench/relay_dns.py" --port-file "$work/dns.port" --domains "$domains" \
-  >"$work/dns.log" 2>&1 &
-dns_pid=$!
-for _ in $(seq 100); do [ -s "$work/dns.port" ] && break; sleep 0.1; done
-[ -s "$work/dns.port" ] || { echo "the DNS server did not start; see $work/dns.log" >&2; exit 1; }
-dns_port="$(cat "$work/dns.port")"
-
-sink_port="$(free_port)"
-# -c: running counters (sess=, quit=, mesg=) rewritten after every message.
-"$SMTP_SINK" -u nobody -c -4 -h sink.bench.test "127.0.0.1:$sink_port" 256 \
-  >"$work/sink.count" 2>"$work/sink.err" &
-sink_pid=$!
-wait_listen "$sink_port"
+start_bench_dns "$work" "$domains"
+dns_port="$DNS_PORT"
+start_sink "$work"     # its counters in $work/sink.count
+sink_port="$SINK_PORT"
 
 cat >"$work/directory.ldif" <<LDIF
 dn: dc=example,dc=test
