@@ -492,7 +492,12 @@ class QueueManager(Service):
             elif target.kind == "remote":
                 domain = target.address.rpartition("@")[2].lower()
                 by_domain.setdefault(domain, []).append((key, target, idxs))
-        remote_ds = [self._deliver_domain(qmsg, domain, group, results)
+        # One message never has more transactions started than there can be
+        # connections: the rest would only wait in the delivery agent, each
+        # with its MX look-ups and state (a list post to 500 domains made
+        # 5,000 of them at once, 100 MB for 50 connections).
+        slots = defer.DeferredSemaphore(max(1, self.config.delivery.max_connections))
+        remote_ds = [self._deliver_domain(qmsg, domain, group, results, slots)
                      for domain, group in by_domain.items()]
         for key, (target, idxs) in owners.items():
             if target.kind == "list":
@@ -532,7 +537,7 @@ class QueueManager(Service):
                                else "already delivered")
 
     @defer.inlineCallbacks
-    def _deliver_domain(self, qmsg, domain, group, results):
+    def _deliver_domain(self, qmsg, domain, group, results, slots):
         env = qmsg.envelope
         missing = RecipientResult(DEFERRED, "4.3.0", "4.3.0 no result from the delivery agent")
         if self.remote_agent is None:
@@ -556,12 +561,15 @@ class QueueManager(Service):
             def sender_worker():
                 for sender, rcpts in todo:
                     view = qmsg if sender == env.sender else SenderView(qmsg, sender)
+                    yield slots.acquire()
                     try:
                         outcome.update((yield self.remote_agent.deliver(view, domain, rcpts)))
                     except Exception as e:
                         self.log.failure("{qid}: remote delivery to {domain} crashed",
                                          qid=qmsg.qid, domain=domain)
                         crashes.append(e)
+                    finally:
+                        slots.release()
             workers = min(len(by_sender), max(1, self.config.delivery.max_per_domain))
             yield defer.gatherResults([sender_worker() for _ in range(workers)])
             if crashes:
