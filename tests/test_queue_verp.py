@@ -220,6 +220,28 @@ class VerpQueueTests(OutboundTestBase):
         self.assertEqual(sorted(c[0] for c in self.remote.calls), senders)
         self.assertEqual(self.queued(), [])
 
+    @defer.inlineCallbacks
+    def test_transactions_across_domains_capped_at_max_connections(self):
+        """A post to members at many domains starts no more transactions than there
+        can be connections; the others start as those answer."""
+        self.manager.config = dataclasses.replace(
+            self.config, delivery=dataclasses.replace(self.config.delivery,
+                                                      max_connections=3))
+        domains = [f"d{i}.test" for i in range(8)]
+        self.remote.hang.update(domains)
+        rcpts = [f"m@{d}" for d in domains]
+        senders = [f"team-bounces+{c * 16}@lists.test" for c in "abcdefgh"]
+        q = yield self.commit_verp(rcpts, senders)
+        self.manager.submit(q)
+        self.assertEqual(len(self.remote.calls), 3)
+        self.remote.release(2)
+        self.assertEqual(len(self.remote.calls), 5)
+        for _ in range(8):
+            self.remote.release()
+        yield self.settle()
+        self.assertEqual(sorted(c[1] for c in self.remote.calls), domains)
+        self.assertEqual(self.queued(), [])
+
 
 class EnvelopeSendersTests(unittest.TestCase):
 
