@@ -13,12 +13,13 @@ import email
 import email.policy
 import json
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 from zope.interface import implementer
 
 from mailbox_appliance.delivery.result import BOUNCED, DEFERRED, SENT, RecipientResult
 from mailbox_appliance.interfaces import IRemoteDelivery
+from mailbox_appliance.queue import manager as manager_module
 from mailbox_appliance.queue.spool import Envelope, read_queue_file
 from tests.test_queue_outbound import OutboundTestBase
 
@@ -241,6 +242,44 @@ class VerpQueueTests(OutboundTestBase):
         yield self.settle()
         self.assertEqual(sorted(c[1] for c in self.remote.calls), domains)
         self.assertEqual(self.queued(), [])
+
+    @defer.inlineCallbacks
+    def test_sent_copies_recorded_while_the_distribution_goes_on(self):
+        """A crash in the middle of a long distribution must not send the copies
+        already sent again: they are recorded done a batch at a time."""
+        self.patch(manager_module._Checkpoint, "EVERY", 2)
+        domains = [f"d{i}.test" for i in range(5)]
+        self.remote.hang.update(domains)
+        rcpts = [f"m@{d}" for d in domains]
+        senders = [f"team-bounces+{c * 16}@lists.test" for c in "abcde"]
+        q = yield self.commit_verp(rcpts, senders)
+        self.manager.submit(q)
+        self.remote.release(3)
+        for _ in range(50):
+            if read_queue_file(q.qid, q.path).done:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        on_disk = read_queue_file(q.qid, q.path).done
+        self.assertEqual(len(on_disk), 2, on_disk)      # one batch of two; the third waits
+        # A new process would skip those two copies.
+        sent = {c[2][0] for c in self.remote.calls[:2]}
+        self.assertEqual({rcpts[int(k.partition(":")[0])] for k in on_disk}, sent)
+        self.remote.release()
+        yield self.settle()
+        self.assertEqual(self.queued(), [])
+
+    @defer.inlineCallbacks
+    def test_no_early_records_when_a_success_notice_is_asked_for(self):
+        self.patch(manager_module._Checkpoint, "EVERY", 1)
+        self.remote.hang.update({"d0.test", "d1.test"})
+        q = yield self.commit_verp(["m@d0.test", "m@d1.test"], [S1, S2],
+                                   notify=["SUCCESS", "SUCCESS"], orcpt=["", ""])
+        self.manager.submit(q)
+        self.remote.release(1)
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(read_queue_file(q.qid, q.path).done, set())
+        self.remote.release()
+        yield self.settle()
 
 
 class EnvelopeSendersTests(unittest.TestCase):

@@ -59,6 +59,25 @@ class SenderView:
         return getattr(self._qmsg, name)
 
 
+class _Checkpoint:
+    """Done-records of one attempt's sent copies, written a batch at a time while
+    the attempt goes on (the attempt writes them all again at its end)."""
+
+    EVERY = 500
+
+    def __init__(self, spool, qmsg, log):
+        self.spool, self.qmsg, self.log = spool, qmsg, log
+        self.keys = []
+
+    def add(self, keys):
+        self.keys.extend(keys)
+        if len(self.keys) >= self.EVERY:
+            batch, self.keys = self.keys, []
+            self.spool.mark_done(self.qmsg, batch).addErrback(
+                lambda f: self.log.failure("{qid}: done-records not written (written at the "
+                                           "end of the attempt)", f, qid=self.qmsg.qid))
+
+
 @implementer(IQueueControl)
 class QueueManager(Service):
     """Schedules and performs deliveries of spooled messages."""
@@ -497,7 +516,14 @@ class QueueManager(Service):
         # with its MX look-ups and state (a list post to 500 domains made
         # 5,000 of them at once, 100 MB for 50 connections).
         slots = defer.DeferredSemaphore(max(1, self.config.delivery.max_connections))
-        remote_ds = [self._deliver_domain(qmsg, domain, group, results, slots)
+        checkpoint = None
+        if env.senders and not any(env.notify):
+            # A list's distribution goes out for many seconds: its sent copies
+            # are recorded as it goes, so a crash in between does not send
+            # them all again. (Only without NOTIFY: a success notice must be
+            # queued before the record that ends its recipient.)
+            checkpoint = _Checkpoint(self.spool, qmsg, self.log)
+        remote_ds = [self._deliver_domain(qmsg, domain, group, results, slots, checkpoint)
                      for domain, group in by_domain.items()]
         for key, (target, idxs) in owners.items():
             if target.kind == "list":
@@ -537,7 +563,7 @@ class QueueManager(Service):
                                else "already delivered")
 
     @defer.inlineCallbacks
-    def _deliver_domain(self, qmsg, domain, group, results, slots):
+    def _deliver_domain(self, qmsg, domain, group, results, slots, checkpoint=None):
         env = qmsg.envelope
         missing = RecipientResult(DEFERRED, "4.3.0", "4.3.0 no result from the delivery agent")
         if self.remote_agent is None:
@@ -563,7 +589,11 @@ class QueueManager(Service):
                     view = qmsg if sender == env.sender else SenderView(qmsg, sender)
                     yield slots.acquire()
                     try:
-                        outcome.update((yield self.remote_agent.deliver(view, domain, rcpts)))
+                        got = yield self.remote_agent.deliver(view, domain, rcpts)
+                        outcome.update(got)
+                        if checkpoint is not None:
+                            checkpoint.add(f"{i}:{group[n][0]}" for n, r in got.items()
+                                           if r.status == SENT for i in group[n][2])
                     except Exception as e:
                         self.log.failure("{qid}: remote delivery to {domain} crashed",
                                          qid=qmsg.qid, domain=domain)
