@@ -34,6 +34,18 @@ class ReportTests(unittest.TestCase):
             b"Action: delayed", b"Action: relayed").replace(b"Status: 4.2.2", b"Status: 2.0.0")
         self.assertEqual(bounces.dsn_statuses(ok), [])
 
+    def test_abuse_complaints(self):
+        arf = (b"From: fbl@isp.example\r\nMIME-Version: 1.0\r\n"
+               b'Content-Type: multipart/report; report-type=feedback-report; boundary="f"\r\n'
+               b"\r\n--f\r\nContent-Type: text/plain\r\n\r\nComplaint.\r\n"
+               b"--f\r\nContent-Type: message/feedback-report\r\n\r\n"
+               b"Feedback-Type: abuse\r\nVersion: 1\r\n\r\n--f--\r\n")
+        self.assertTrue(bounces.is_complaint(arf))
+        self.assertFalse(bounces.is_complaint(arf.replace(b"abuse", b"not-spam")))
+        self.assertFalse(bounces.is_complaint(DSN))
+        self.assertFalse(bounces.is_complaint(b"Subject: hi\r\n\r\nspam!\r\n"))
+        self.assertIsNone(bounces.dsn_statuses(arf))
+
     def test_weights(self):
         self.assertEqual([bounces.weight(s) for s in ("5.1.1", "4.2.2", "5.7.1", None, "2.0.0")],
                          [1.0, 0.5, 0.5, 0.0, 0.0])

@@ -82,6 +82,22 @@ def dsn(to, failed, status="5.1.1", action="failed"):
         f"--{b}--\r\n").encode()
 
 
+def arf(to, about, feedback_type="abuse"):
+    """An RFC 5965 abuse report about a copy sent to ``about``, sent to ``to``."""
+    b = "=_arf_1"
+    return (
+        f"From: fbl@isp.example\r\nTo: {to}\r\nSubject: complaint\r\n"
+        "MIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/report; report-type=feedback-report; boundary="{b}"\r\n'
+        "\r\n"
+        f"--{b}\r\nContent-Type: text/plain\r\n\r\nA complaint about this message.\r\n"
+        f"--{b}\r\nContent-Type: message/feedback-report\r\n\r\n"
+        f"Feedback-Type: {feedback_type}\r\nUser-Agent: fbl/1.0\r\nVersion: 1\r\n"
+        f"Original-Rcpt-To: {about}\r\n\r\n"
+        f"--{b}\r\nContent-Type: text/rfc822-headers\r\n\r\nSubject: post\r\n\r\n"
+        f"--{b}--\r\n").encode()
+
+
 def parse(data):
     return email.message_from_bytes(data, policy=email.policy.default)
 
@@ -910,6 +926,24 @@ class BounceTests(ServiceCase):
         self.assertEqual(right.id, old.id)           # what makes the case
         yield self.bounce(verp, "typo@b.example")
         self.assertEqual((yield self.member("right@b.example")).bounce_score, 0.0)
+
+    @defer.inlineCallbacks
+    def test_abuse_report_unsubscribes_the_member(self):
+        """lists.md 4.7: an ARF complaint naming a member (by the copy's VERP
+        address) unsubscribes it and the owners are told."""
+        verp = yield self.verp_of(BOB)
+        result = yield self.deliver(verp, arf(verp, BOB), "")
+        self.assertEqual(result.status, SENT)
+        self.assertIsNone((yield self.member(BOB)))
+        [(q, told)] = self.take()
+        self.assertEqual(q.envelope.recipients, [OLGA])
+        self.assertIn(f"{BOB} reported mail from {TEAM} as spam", text_of(told))
+        # Another kind of feedback (a "not spam") changes nothing; a forged tag neither.
+        alice = yield self.verp_of(ALICE)
+        yield self.deliver(alice, arf(alice, ALICE, feedback_type="not-spam"), "")
+        yield self.deliver(TEAM_BOUNCES.replace("@", "+aaaaaaaaaaaaaaaaaaaaaaaaaa@"),
+                           arf(TEAM_BOUNCES, ALICE), "")
+        self.assertIsNotNone((yield self.member(ALICE)))
 
     @defer.inlineCallbacks
     def test_delay_warning_is_not_a_bounce(self):

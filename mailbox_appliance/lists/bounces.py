@@ -85,6 +85,27 @@ def dsn_statuses(raw: bytes) -> list | None:
     return out
 
 
+def is_complaint(raw: bytes) -> bool:
+    """Whether ``raw`` is an abuse complaint (RFC 5965 feedback report, ARF, of type
+    ``abuse`` or without a type): a member who reported the list as spam at the
+    mailbox provider, which sent the report to the copy's envelope sender."""
+    try:
+        msg = email.message_from_bytes(raw[:1024 * 1024], policy=email.policy.compat32)
+    except Exception:
+        return False
+    if msg.get_content_type() != "multipart/report" or \
+            (msg.get_param("report-type") or "").lower() != "feedback-report":
+        return False
+    for part in msg.walk():
+        if part.get_content_type() == "message/feedback-report":
+            payload = part.get_payload()
+            block = payload[0] if isinstance(payload, list) and payload else (
+                email.message_from_string(str(payload)))
+            kind = (block.get("Feedback-Type") or "abuse").strip().lower()
+            return kind == "abuse"
+    return False
+
+
 def weight(status: str | None) -> float:
     """What one bounce adds: 1 permanent, 0.5 temporary or policy (5.7.x), 0 success
     or no status at all (nothing says the copy failed)."""

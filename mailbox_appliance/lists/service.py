@@ -464,6 +464,16 @@ class ListService(Service):
                        qid=qmsg.qid)
             return
         sequence = found[1]
+        if bounces.is_complaint(raw):
+            # lists.md 4.7: whoever calls the list spam does not get it any more.
+            yield self.store.remove_member(where.list_address, member.address)
+            mail_event(self.log, f"{qmsg.qid}: abuse report about {member.address}: removed "
+                                 f"from {where.list_address}", qid=qmsg.qid)
+            yield self._tell_owners(
+                where, f"{member.address} reported mail from {where.list_address} as spam "
+                       "(an abuse report from the member's mail provider) and was removed "
+                       "from the list.")
+            return
         statuses = bounces.dsn_statuses(raw)
         if statuses is None:
             # An auto-reply to the envelope sender or a home-made bounce:
