@@ -113,6 +113,43 @@ def _check_domain(cfg, address):
         raise _Refused(f"{_shown(domain)} is not a list domain (see [lists] domains)")
 
 
+def _settled(d):
+    """The result of a Deferred that has already fired (the in-memory LDAP tree
+    answers at once); its error raised."""
+    out = []
+    d.addBoth(out.append)
+    if not out:
+        raise RuntimeError("the directory did not answer at once")
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+def directory_conflicts(cfg, address):
+    """The addresses of a new list (``LIST@``, ``-request``, ``-owner``...) that a
+    user or alias of the directory already has: mail to them would no longer reach
+    that user. Read from the embedded directory's LDIF file with the appliance's
+    own look-up filter; None when the directory is an external LDAP server, which
+    this offline command does not ask."""
+    from mailbox_appliance.directory.embedded import load_ldif
+    from mailbox_appliance.directory.ldap import lookup_filter
+    from mailbox_appliance.lists import addresses as la
+    if cfg.directory.url:
+        return None
+    name, _, domain = address.lower().rpartition("@")
+    if domain not in cfg.server.domains:
+        return []
+    root = _settled(load_ldif(cfg.directory.ldif))
+    bare = domain == cfg.server.domains[0]
+    taken = []
+    for kind in (la.POST, la.REQUEST, la.SUBSCRIBE, la.UNSUBSCRIBE, la.OWNER, la.EDITOR,
+                 la.BOUNCES):
+        candidate = la.list_address(name, domain, kind)
+        if _settled(root.search(filterObject=lookup_filter(candidate, bare))):
+            taken.append(candidate)
+    return taken
+
+
 def _shown(text):
     from mailbox_appliance.cli import _display
     return _display(str(text)[:120])
@@ -161,6 +198,13 @@ def _scenarios(choices):
 def do_create(args, cfg, conn):
     from mailbox_appliance import state_lists as sl
     scenarios = _scenarios(args.scenario)
+    try:
+        taken = directory_conflicts(cfg, args.list)
+    except Exception as e:
+        raise _Refused(f"the directory {cfg.directory.ldif} could not be read: {e}")
+    if taken:
+        raise _Refused(f"{', '.join(taken)}: already a user's or alias's address in the "
+                       "directory (choose another list name)")
     for address in args.owner + args.moderator:
         if not sl.address_ok(address):
             raise _Refused(f"not an address: {_shown(address)}")

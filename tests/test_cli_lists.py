@@ -72,6 +72,25 @@ class ListCLITests(unittest.TestCase):
         self.assertEqual(self.run_cli("delete", LIST), (0, f"{LIST}: deleted\n", ""))
         self.assertEqual(self.run_cli(), (0, "no lists\n", ""))
 
+    def test_create_refuses_names_the_directory_has(self):
+        """A list at a domain with users must not take a user's or alias's address
+        (mail to it would go to the list): users by mail and mailLocalAddress,
+        aliases by full name and, at the first domain, by bare name."""
+        with open(self.config) as f:
+            text = f.read()
+        with open(self.config, "w") as f:
+            f.write(text.replace('[lists]\ndomains = ["lists.example.test"]\n', "[lists]\n"))
+        for address in ("alice@example.test", "a.liddell@example.test",
+                        "staff@example.test", "sales@example.test"):
+            code, out, err = self.run_cli("create", address, "--owner", "own@example.test")
+            self.assertEqual((code, out), (1, ""), address)
+            self.assertIn(f"{address}: already a user's or alias's address", err)
+        self.assertEqual(self.run_cli(), (0, "no lists\n", ""))
+        # Names the directory does not have are free, at both domains.
+        for address in ("alice-list@example.test", LIST):
+            code, _, err = self.run_cli("create", address, "--owner", "own@example.test")
+            self.assertEqual((code, err), (0, ""))
+
     def test_tag_footer_and_size(self):
         self.create("--tag", "[team]", "--footer", "Leave: team-unsubscribe@", "--max-size",
                     "100000")
