@@ -1,5 +1,17 @@
 # Shared by the bench scripts; sourced, not run. Needs $here (the checkout) and $PY.
 
+# need_python_and_sink: check that $PY (set here from $PYTHON, else the checkout's
+# .venv, else python3) has twisted, and find Postfix's smtp-sink ($SMTP_SINK);
+# exit 2 with a hint otherwise.
+need_python_and_sink() {
+  PY="${PYTHON:-$here/.venv/bin/python}"
+  [ -x "$PY" ] || PY=python3
+  "$PY" -c 'import twisted.names' 2>/dev/null \
+    || { echo "$PY lacks twisted; set PYTHON to the appliance's interpreter" >&2; exit 2; }
+  SMTP_SINK="$(command -v smtp-sink || echo /usr/sbin/smtp-sink)"
+  [ -x "$SMTP_SINK" ] || { echo "smtp-sink not found (apt-get install postfix)" >&2; exit 2; }
+}
+
 free_port() {
   "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }

@@ -34,17 +34,12 @@
 set -euo pipefail
 members="${1:-10000}"; domains="${2:-500}"
 here="$(cd "$(dirname "$0")/.." && pwd)"
-PY="${PYTHON:-$here/.venv/bin/python}"
-[ -x "$PY" ] || PY=python3
-"$PY" -c 'import twisted.names' 2>/dev/null \
-  || { echo "$PY lacks twisted; set PYTHON to the appliance's interpreter" >&2; exit 2; }
-SMTP_SINK="$(command -v smtp-sink || echo /usr/sbin/smtp-sink)"
-[ -x "$SMTP_SINK" ] || { echo "smtp-sink not found (apt-get install postfix)" >&2; exit 2; }
+. "$here/bench/lib.sh"
+need_python_and_sink
 rounds="${ROUNDS:-1}"
 timeout_s="${FANOUT_TIMEOUT:-300}"
 size="${POST_SIZE:-4096}"
 list=team@lists.example.test
-. "$here/bench/lib.sh"
 
 work="$(mktemp -d "${BENCH_DIR:-/var/tmp}/mailappliance-fanout.XXXXXX")"
 chmod 755 "$work"       # smtp-sink may drop to nobody

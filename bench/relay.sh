@@ -31,19 +31,14 @@
 set -euo pipefail
 messages="${1:-2000}"; connections="${2:-20}"; size="${3:-10240}"; domains="${4:-200}"
 here="$(cd "$(dirname "$0")/.." && pwd)"
-PY="${PYTHON:-$here/.venv/bin/python}"
-[ -x "$PY" ] || PY=python3
-"$PY" -c 'import twisted.names' 2>/dev/null \
-  || { echo "$PY lacks twisted; set PYTHON to the appliance's interpreter" >&2; exit 2; }
-SMTP_SINK="$(command -v smtp-sink || echo /usr/sbin/smtp-sink)"
-[ -x "$SMTP_SINK" ] || { echo "smtp-sink not found (apt-get install postfix)" >&2; exit 2; }
+. "$here/bench/lib.sh"
+need_python_and_sink
 rounds="${ROUNDS:-3}"
 compare="${COMPARE_POSTFIX:-0}"
 pf_auth="${POSTFIX_AUTH:-1}"
 timeout_s="${RELAY_TIMEOUT:-300}"
 per_session="${PER_SESSION:-0}"
 user=bench@example.test; password=bench-relay-secret
-. "$here/bench/lib.sh"
 
 if [ "$compare" = 1 ] && [ "$(id -u)" != 0 ]; then
   echo "COMPARE_POSTFIX=1 needs root (a private Postfix instance)" >&2; exit 2

@@ -152,6 +152,18 @@ class ServiceCase(unittest.TestCase):
     def advance(self, seconds):
         self.clock.advance(seconds)
 
+    def fail_first_queueing(self):
+        """The list server's next queue write fails as on a full disk; later ones work."""
+        real = self.service.queue_mail
+        calls = []
+
+        def queue_mail(*a, **kw):
+            calls.append(a)
+            if len(calls) == 1:
+                return defer.fail(OSError(28, "No space left on device"))
+            return real(*a, **kw)
+        self.service.queue_mail = queue_mail
+
     @defer.inlineCallbacks
     def deliver(self, to, data, sender, auth="", folder="", scanned=False):
         """Hand ``data`` for ``to`` to the list server as the queue would; the result."""
@@ -518,15 +530,7 @@ class PostTests(ServiceCase):
     def test_failed_distribution_is_deferred_and_redone(self):
         """When queueing the distribution fails the delivery is deferred (the queue
         tries again); the next attempt must distribute the post."""
-        real = self.service.queue_mail
-        calls = []
-
-        def failing_once(*a, **kw):
-            calls.append(a)
-            if len(calls) == 1:
-                return defer.fail(OSError(28, "No space left on device"))
-            return real(*a, **kw)
-        self.service.queue_mail = failing_once
+        self.fail_first_queueing()
         data = message(ALICE, TEAM, mid="<retry@a.example>")
         result = yield self.deliver(TEAM, data, ALICE, auth="alice")
         self.assertEqual((result.status, result.enhanced), ("deferred", "4.3.0"))
@@ -588,15 +592,7 @@ class CommandTests(ServiceCase):
     def test_failed_command_queueing_is_redone(self):
         """When queueing the confirmation fails the delivery is deferred; the queue's
         next attempt must still produce a confirmation request."""
-        real = self.service.queue_mail
-        calls = []
-
-        def failing_once(*a, **kw):
-            calls.append(a)
-            if len(calls) == 1:
-                return defer.fail(OSError(28, "No space left on device"))
-            return real(*a, **kw)
-        self.service.queue_mail = failing_once
+        self.fail_first_queueing()
         sub = "team-subscribe@" + DOM
         data = message(EVE, sub, mid="<sub@e.example>")
         result = yield self.deliver(sub, data, EVE)
@@ -658,17 +654,6 @@ class CommandTests(ServiceCase):
 
 class FailureTests(ServiceCase):
     """A queue write that fails (a full disk) must never lose a post."""
-
-    def fail_first_queueing(self):
-        real = self.service.queue_mail
-        calls = []
-
-        def queue_mail(*a, **kw):
-            calls.append(a)
-            if len(calls) == 1:
-                return defer.fail(OSError(28, "No space left on device"))
-            return real(*a, **kw)
-        self.service.queue_mail = queue_mail
 
     @defer.inlineCallbacks
     def test_failed_distribute_leaves_the_key_usable(self):
