@@ -1012,6 +1012,24 @@ class BounceTests(ServiceCase):
         yield self.service.review()                  # nothing new: no summary
         self.assertEqual(summaries(), [])
 
+    @defer.inlineCallbacks
+    def test_non_reports_kept_for_a_week(self):
+        verp = yield self.verp_of(BOB)
+        away = message(BOB, verp, subject="Away")
+        for _ in range(2):
+            yield self.deliver(verp, away, BOB)
+        folder = os.path.join(self.root, "lists", "unparsed", TEAM)
+        kept = sorted(os.listdir(folder))
+        self.assertEqual(len(kept), 2)
+        with open(os.path.join(folder, kept[0]), "rb") as f:
+            self.assertEqual(f.read(), away)
+        self.advance(6 * DAY)
+        yield self.service.review()
+        self.assertEqual(len(os.listdir(folder)), 2)
+        self.advance(DAY + 1)
+        yield self.service.review()
+        self.assertEqual(os.listdir(folder), [])
+
 
 class ReenableAndReviewTests(ServiceCase):
 

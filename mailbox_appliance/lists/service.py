@@ -59,6 +59,9 @@ MAX_SEQUENCES = 1000        # distributions whose bounce counts are kept for the
 REVIEW_EVERY = 3600.0       # how often expiries and disabled members are looked at
 SUMMARY_EVERY = 86400.0     # how often owners hear of mail to -bounces that was no report
 SEEN_POSTS_FOR = 7 * 86400.0  # how long a post's Message-ID makes a resend a duplicate
+UNPARSED_DAYS = 7           # how long mail to -bounces that was no report is kept
+UNPARSED_KEPT = 500         # ... at most so many per list
+UNPARSED_BYTES = 256 * 1024  # ... and of each at most its first so many octets
 # Delivery modes that take single copies (the digest of 4.8 will take "digest").
 SINGLE_COPY_MODES = frozenset({"mail", "not_me", "txt", "html", "urlize"})
 
@@ -479,9 +482,11 @@ class ListService(Service):
             # An auto-reply to the envelope sender or a home-made bounce:
             # nothing says the copy failed (lists.md 4.7: counted, not scored).
             self._unparsed[where.list_address] += 1
+            kept = yield self._keep_unparsed(where.list_address, qmsg.qid, raw)
             mail_event(self.log, f"{qmsg.qid}: mail from {member.address} to the bounce "
                                  f"address of {where.list_address} is no delivery report, "
-                                 "not scored", qid=qmsg.qid)
+                                 "not scored" + (f"; kept as {kept}" if kept else ""),
+                       qid=qmsg.qid)
             return
         failures = [st for st in statuses if not st.startswith("2.")]
         if not failures:
@@ -555,7 +560,8 @@ class ListService(Service):
         """The hourly round: held requests whose time is up, disabled members, the
         daily summary. A step that fails is logged and tried again next hour
         (an error must not stop the LoopingCall for good)."""
-        steps = [self.expire_held, self.review_disabled, self._forget_posts]
+        steps = [self.expire_held, self.review_disabled, self._forget_posts,
+                 self._prune_unparsed]
         if self.reactor.seconds() >= self._summary_due:
             steps.append(self.summarise_unparsed)
         for step in steps:
@@ -582,7 +588,42 @@ class ListService(Service):
                 where, f"{n} mail(s) sent to the bounce addresses of {list_address} in the "
                        "last day were no delivery reports (auto-replies or bounces in a "
                        "form that cannot be read); they were not scored. The appliance's "
-                       "mail log names each of them.")
+                       "mail log names each of them; the site's administrator finds them "
+                       f"for {UNPARSED_DAYS} days under lists/unparsed/ of the data folder.")
+
+    def _keep_unparsed(self, list_address, qid, raw):
+        """Keep a mail to a bounce address that was no report for the administrator
+        (``data_dir/lists/unparsed/LIST/TIME.QID``, at most UNPARSED_KEPT per list and
+        UNPARSED_BYTES of each); fires with its path, or None when not kept."""
+        folder = os.path.join(self.config.server.data_dir, "lists", "unparsed",
+                              list_address.replace("/", "_"))
+        name = f"{int(self.reactor.seconds())}.{qid}"
+
+        def keep():
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            if len(os.listdir(folder)) >= UNPARSED_KEPT:
+                return None
+            path = os.path.join(folder, name)
+            with open(path, "wb") as f:
+                f.write(raw[:UNPARSED_BYTES])
+            return path
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), keep)
+
+    def _prune_unparsed(self):
+        """Remove kept non-reports older than UNPARSED_DAYS (by the time in their name)."""
+        top = os.path.join(self.config.server.data_dir, "lists", "unparsed")
+        before = self.reactor.seconds() - UNPARSED_DAYS * 86400.0
+
+        def prune():
+            if not os.path.isdir(top):
+                return
+            for sub in os.listdir(top):
+                folder = os.path.join(top, sub)
+                for name in os.listdir(folder):
+                    stamp = name.partition(".")[0]
+                    if not stamp.isdigit() or int(stamp) < before:
+                        os.unlink(os.path.join(folder, name))
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), prune)
 
     @defer.inlineCallbacks
     def expire_held(self):
