@@ -189,12 +189,21 @@ class ContentScanTests(ApplianceMixin, unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_judged_message_is_marked_scanned(self):
-        """Only a message the scan judged (ours from outside removed) is marked, so that
-        the list server believes our Authentication-Results on it and on no other."""
-        self.use(Scripted("milter:q", ContentResult(action="hold")))
+        """A message the scan judged is marked, with the domains whose DKIM signatures
+        it verified (what the list server's dkim level believes, never a field)."""
+        class DKIMFacts(Scripted):
+            def scan(self, message, session):
+                message.facts["dkim"] = [
+                    {"domain": "ext.test", "selector": "s", "result": "pass", "reason": ""},
+                    {"domain": "other.test", "selector": "s", "result": "fail", "reason": ""}]
+                return super().scan(message, session)
+        self.use(DKIMFacts("dkim", ContentResult()), Scripted("milter:q",
+                                                              ContentResult(action="hold")))
         yield self.in_thread(self.send)
         yield self.settle()
-        self.assertTrue(self.held_envelope().scanned)
+        env = self.held_envelope()
+        self.assertTrue(env.scanned)
+        self.assertEqual(env.dkim_pass, ["ext.test"])
 
     @defer.inlineCallbacks
     def test_unjudged_message_is_not_marked(self):
@@ -204,6 +213,7 @@ class ContentScanTests(ApplianceMixin, unittest.TestCase):
         yield self.in_thread(self.send)
         yield self.settle()
         self.assertFalse(self.held_envelope().scanned)
+        self.assertEqual(self.held_envelope().dkim_pass, [])
 
     @defer.inlineCallbacks
     def test_discard_answers_250_and_stores_nothing(self):

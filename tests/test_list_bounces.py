@@ -1,5 +1,7 @@
 """Bounce scoring of list members (lists.md 4.7) and reading delivery reports."""
 
+import base64
+
 from twisted.trial import unittest
 
 from mailbox_appliance.lists import bounces
@@ -35,16 +37,33 @@ class ReportTests(unittest.TestCase):
         self.assertEqual(bounces.dsn_statuses(ok), [])
 
     def test_abuse_complaints(self):
-        arf = (b"From: fbl@isp.example\r\nMIME-Version: 1.0\r\n"
-               b'Content-Type: multipart/report; report-type=feedback-report; boundary="f"\r\n'
-               b"\r\n--f\r\nContent-Type: text/plain\r\n\r\nComplaint.\r\n"
-               b"--f\r\nContent-Type: message/feedback-report\r\n\r\n"
-               b"Feedback-Type: abuse\r\nVersion: 1\r\n\r\n--f--\r\n")
-        self.assertTrue(bounces.is_complaint(arf))
-        self.assertFalse(bounces.is_complaint(arf.replace(b"abuse", b"not-spam")))
-        self.assertFalse(bounces.is_complaint(DSN))
-        self.assertFalse(bounces.is_complaint(b"Subject: hi\r\n\r\nspam!\r\n"))
-        self.assertIsNone(bounces.dsn_statuses(arf))
+        def arf(report=b"Feedback-Type: abuse\r\nVersion: 1\r\n", cte=b"",
+                original=b"Content-Type: message/rfc822\r\n\r\n"
+                         b"List-Id: <team.lists.test>\r\nSubject: x\r\n\r\nhi\r\n"):
+            return (b"From: fbl@isp.example\r\nMIME-Version: 1.0\r\n"
+                    b'Content-Type: multipart/report; report-type=feedback-report; '
+                    b'boundary="f"\r\n'
+                    b"\r\n--f\r\nContent-Type: text/plain\r\n\r\nComplaint.\r\n"
+                    b"--f\r\nContent-Type: message/feedback-report\r\n" + cte + b"\r\n"
+                    + report + b"\r\n--f\r\n" + original + b"\r\n--f--\r\n")
+        lid = "team.lists.test"
+        self.assertTrue(bounces.is_complaint(arf(), lid))
+        self.assertFalse(bounces.is_complaint(arf(), "other.lists.test"))
+        self.assertFalse(bounces.is_complaint(arf(original=b"Content-Type: text/plain\r\n"
+                                                           b"\r\nnothing\r\n"), lid))
+        self.assertTrue(bounces.is_complaint(arf(original=(
+            b"Content-Type: text/rfc822-headers\r\n\r\nList-Id: Team <team.lists.test>\r\n"
+            b"Subject: x\r\n")), lid))
+        self.assertFalse(bounces.is_complaint(arf(b"Feedback-Type: not-spam\r\n"), lid))
+        self.assertFalse(bounces.is_complaint(arf(b"Version: 1\r\n"), lid))   # no type
+        # Encoded report parts are read decoded.
+        for kind, expected in ((b"not-spam", False), (b"abuse", True)):
+            encoded = base64.encodebytes(b"Feedback-Type: " + kind + b"\r\nVersion: 1\r\n")
+            self.assertEqual(bounces.is_complaint(arf(
+                encoded, cte=b"Content-Transfer-Encoding: base64\r\n"), lid), expected)
+        self.assertFalse(bounces.is_complaint(DSN, lid))
+        self.assertFalse(bounces.is_complaint(b"Subject: hi\r\n\r\nspam!\r\n", lid))
+        self.assertIsNone(bounces.dsn_statuses(arf()))
 
     def test_weights(self):
         self.assertEqual([bounces.weight(s) for s in ("5.1.1", "4.2.2", "5.7.1", None, "2.0.0")],

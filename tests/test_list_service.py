@@ -82,8 +82,9 @@ def dsn(to, failed, status="5.1.1", action="failed"):
         f"--{b}--\r\n").encode()
 
 
-def arf(to, about, feedback_type="abuse"):
-    """An RFC 5965 abuse report about a copy sent to ``about``, sent to ``to``."""
+def arf(to, about, feedback_type="abuse", list_id="team.lists.example.org"):
+    """An RFC 5965 abuse report about a copy of list ``list_id`` sent to ``about``,
+    sent to ``to``."""
     b = "=_arf_1"
     return (
         f"From: fbl@isp.example\r\nTo: {to}\r\nSubject: complaint\r\n"
@@ -94,7 +95,8 @@ def arf(to, about, feedback_type="abuse"):
         f"--{b}\r\nContent-Type: message/feedback-report\r\n\r\n"
         f"Feedback-Type: {feedback_type}\r\nUser-Agent: fbl/1.0\r\nVersion: 1\r\n"
         f"Original-Rcpt-To: {about}\r\n\r\n"
-        f"--{b}\r\nContent-Type: text/rfc822-headers\r\n\r\nSubject: post\r\n\r\n"
+        f"--{b}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        f"List-Id: The team <{list_id}>\r\nSubject: post\r\n\r\n"
         f"--{b}--\r\n").encode()
 
 
@@ -165,13 +167,14 @@ class ServiceCase(unittest.TestCase):
         self.service.queue_mail = queue_mail
 
     @defer.inlineCallbacks
-    def deliver(self, to, data, sender, auth="", folder="", scanned=False):
+    def deliver(self, to, data, sender, auth="", folder="", scanned=False, dkim_pass=()):
         """Hand ``data`` for ``to`` to the list server as the queue would; the result."""
         where = yield self.service.classify(to)
         self.assertIsNotNone(where, f"{to} is not a list address")
         self._n += 1
         env = Envelope(sender=sender, recipients=[to], arrival=self.clock.seconds(),
-                       auth=auth, folder=folder, scanned=scanned)
+                       auth=auth, folder=folder, scanned=scanned,
+                       dkim_pass=list(dkim_pass))
         qmsg = QueuedMessage(qid=f"IN{self._n:04d}", envelope=env,
                              path=os.path.join(self.root, "nonexistent"), body_offset=0,
                              size=len(data), data=data)
@@ -209,27 +212,32 @@ class KeyAndAuthTests(ServiceCase):
     def test_auth_method(self):
         msg = parse(message(ALICE, TEAM))
         plain = Envelope(sender=ALICE, recipients=[TEAM])
-        scanned = Envelope(sender=ALICE, recipients=[TEAM], scanned=True)
         logged_in = Envelope(sender=ALICE, recipients=[TEAM], auth="alice")
-        self.assertEqual(auth_method_of(msg, scanned, HOST, True), "smtp")
-        self.assertEqual(auth_method_of(msg, logged_in, HOST, True), "dkim")
-        self.assertEqual(auth_method_of(msg, logged_in, HOST, False), "smtp")
-        ours = f"{HOST}; dkim=pass header.d=a.example header.s=sel"
-        signed = parse(message(ALICE, TEAM, headers=[("Authentication-Results", ours)]))
-        self.assertEqual(auth_method_of(signed, scanned, HOST, True), "dkim")
-        # Not believed unless the content scan (which removes forged ones)
-        # judged this message: it skips large mail and relay clients.
-        self.assertEqual(auth_method_of(signed, plain, HOST, True), "smtp")
-        # Someone else's Authentication-Results, or another domain's signature.
-        theirs = parse(message(ALICE, TEAM, headers=[
-            ("Authentication-Results", "mx.evil.example; dkim=pass header.d=a.example")]))
-        self.assertEqual(auth_method_of(theirs, scanned, HOST, True), "smtp")
-        other = parse(message(ALICE, TEAM, headers=[
-            ("Authentication-Results", f"{HOST}; dkim=pass header.d=evil.example")]))
-        self.assertEqual(auth_method_of(other, scanned, HOST, True), "smtp")
-        failed = parse(message(ALICE, TEAM, headers=[
-            ("Authentication-Results", f"{HOST}; dkim=fail header.d=a.example")]))
-        self.assertEqual(auth_method_of(failed, scanned, HOST, True), "smtp")
+        self.assertEqual(auth_method_of(msg, plain, True), "smtp")
+        self.assertEqual(auth_method_of(msg, logged_in, True), "dkim")
+        self.assertEqual(auth_method_of(msg, logged_in, False), "smtp")
+
+        def scanned(*domains):
+            return Envelope(sender=ALICE, recipients=[TEAM], scanned=True,
+                            dkim_pass=list(domains))
+        # The From: domain (a.example) or a parent, verified by the scan.
+        self.assertEqual(auth_method_of(msg, scanned("a.example"), True), "dkim")
+        sub = parse(message("x@mail.a.example", TEAM))
+        self.assertEqual(auth_method_of(sub, scanned("a.example"), True), "dkim")
+        self.assertEqual(auth_method_of(msg, scanned("evil.example"), True), "smtp")
+        self.assertEqual(auth_method_of(msg, scanned("ba.example"), True), "smtp")
+        self.assertEqual(auth_method_of(msg, scanned(), True), "smtp")
+        # A passing domain on an envelope the scan did not judge is not believed.
+        self.assertEqual(auth_method_of(msg, dataclasses.replace(
+            scanned("a.example"), scanned=False), True), "smtp")
+        # Header fields never count, whatever they say (the scan's list does).
+        for forged in (f"{HOST}; dkim=pass header.d=a.example",
+                       "=?utf-8?q?" + f"{HOST}; dkim=pass header.d=a.example".replace(
+                           " ", "_") + "?=",
+                       f'{HOST}; dkim=permerror header.d=x.test header.s="s.dkim=pass.header.d=a.example"'):
+            signed = parse(message(ALICE, TEAM, headers=[("Authentication-Results", forged)]))
+            self.assertEqual(auth_method_of(signed, scanned(), True), "smtp")
+            self.assertEqual(auth_method_of(signed, scanned("x.test"), True), "smtp")
 
 
 class ClassifyTests(ServiceCase):
@@ -399,15 +407,16 @@ class PostTests(ServiceCase):
     def test_post_with_our_own_authentication_results(self):
         ours = f"{HOST}; dkim=pass header.d=b.example header.s=sel"
         data = message(BOB, TEAM, headers=[("Authentication-Results", ours)])
-        result = yield self.deliver(TEAM, data, BOB, scanned=True)
+        result = yield self.deliver(TEAM, data, BOB, scanned=True, dkim_pass=["b.example"])
         self.assertEqual(result.status, SENT)
         [(q, _)] = self.take()
         self.assertEqual(q.envelope.recipients, [ALICE, BOB])
 
     @defer.inlineCallbacks
     def test_our_authentication_results_on_unscanned_mail_is_not_believed(self):
-        """The same field on mail the content scan skipped (too large, a relay
-        client) may be forged: the post waits for its author's confirmation."""
+        """The same field without the scan's own record (mail it skipped, too large
+        or from a relay client, may carry a forged one): the post waits for its
+        author's confirmation."""
         ours = f"{HOST}; dkim=pass header.d=b.example header.s=sel"
         data = message(BOB, TEAM, headers=[("Authentication-Results", ours)])
         yield self.deliver(TEAM, data, BOB)
@@ -916,19 +925,36 @@ class BounceTests(ServiceCase):
     def test_abuse_report_unsubscribes_the_member(self):
         """lists.md 4.7: an ARF complaint naming a member (by the copy's VERP
         address) unsubscribes it and the owners are told."""
+        yield self.post_from_alice()
+        self.take()
         verp = yield self.verp_of(BOB)
         result = yield self.deliver(verp, arf(verp, BOB), "")
         self.assertEqual(result.status, SENT)
         self.assertIsNone((yield self.member(BOB)))
-        [(q, told)] = self.take()
-        self.assertEqual(q.envelope.recipients, [OLGA])
-        self.assertIn(f"{BOB} reported mail from {TEAM} as spam", text_of(told))
-        # Another kind of feedback (a "not spam") changes nothing; a forged tag neither.
+        told = {q.envelope.recipients[0]: m for q, m in self.take()}
+        self.assertEqual(sorted(told), [BOB, OLGA])
+        self.assertIn(f"{BOB} reported mail from {TEAM} as spam", text_of(told[OLGA]))
+        self.assertIn(f"team-subscribe@{DOM}", text_of(told[BOB]))
+        # Other feedback (a "not spam"), a report about another list's mail, or a
+        # forged tag change nothing.
         alice = yield self.verp_of(ALICE)
         yield self.deliver(alice, arf(alice, ALICE, feedback_type="not-spam"), "")
+        yield self.deliver(alice, arf(alice, ALICE, list_id="other.lists.example.org"), "")
         yield self.deliver(TEAM_BOUNCES.replace("@", "+aaaaaaaaaaaaaaaaaaaaaaaaaa@"),
                            arf(TEAM_BOUNCES, ALICE), "")
         self.assertIsNotNone((yield self.member(ALICE)))
+
+    @defer.inlineCallbacks
+    def test_abuse_report_about_an_old_post_is_ignored(self):
+        """A tag seen long ago (a forwarded copy shows it) cannot remove its member."""
+        old = yield self.verp_of(ALICE, sequence=1)
+        for _ in range(101):
+            yield self.store.next_post(TEAM)
+        yield self.deliver(old, arf(old, ALICE), "")
+        self.assertIsNotNone((yield self.member(ALICE)))
+        recent = yield self.verp_of(ALICE, sequence=101)
+        yield self.deliver(recent, arf(recent, ALICE), "")
+        self.assertIsNone((yield self.member(ALICE)))
 
     @defer.inlineCallbacks
     def test_delay_warning_is_not_a_bounce(self):

@@ -244,6 +244,26 @@ class VerpQueueTests(OutboundTestBase):
         self.assertEqual(self.queued(), [])
 
     @defer.inlineCallbacks
+    def test_many_transactions_answered_at_once_behind_one_slow(self):
+        """Transactions that end at once (a dead domain, an agent shutting down) each
+        hand the slot on: hundreds in a row must not pile up on the stack."""
+        self.manager.config = dataclasses.replace(
+            self.config, delivery=dataclasses.replace(self.config.delivery,
+                                                      max_connections=1))
+        n = 600
+        domains = [f"d{i}.test" for i in range(n)]
+        self.remote.hang.add("d0.test")          # only the first transaction is slow
+        senders = [f"team-bounces+{i:016x}@lists.test" for i in range(n)]
+        q = yield self.commit_verp([f"m@{d}" for d in domains], senders)
+        self.manager.submit(q)
+        self.assertEqual(len(self.remote.calls), 1)
+        self.remote.release()
+        yield self.settle()
+        self.assertEqual(len(self.remote.calls), n)
+        self.assertEqual(self.flushLoggedErrors(RecursionError), [])
+        self.assertEqual(self.queued(), [])
+
+    @defer.inlineCallbacks
     def test_sent_copies_recorded_while_the_distribution_goes_on(self):
         """A crash in the middle of a long distribution must not send the copies
         already sent again: they are recorded done a batch at a time."""

@@ -333,7 +333,10 @@ class ContentScan:
             raw = remove_fields(raw, self._forged)
         top = "".join(f"{n}: {_clean(v)}\r\n" for n, v in fields).encode("utf-8", "replace")
         self._amend(view.incoming, top + raw, j.action, j.add_recipients, j.remove_recipients,
-                    scanned=bool(self.judge))
+                    scanned=bool(self.judge),
+                    dkim_pass=[f.get("domain", "") for f in msg.facts.get("dkim") or ()
+                               if f.get("result") == "pass" and f.get("domain")]
+                    if self.judge else [])
         return None
 
     def summary_fields(self, j):
@@ -355,9 +358,11 @@ class ContentScan:
             return _authserv_id(value) == self.authserv_id
         return name in OUR_SPAM_FIELDS
 
-    def _amend(self, inc, data, action, add_rcpts, remove_rcpts, scanned=False):
+    def _amend(self, inc, data, action, add_rcpts, remove_rcpts, scanned=False,
+               dkim_pass=()):
         env = copy.copy(inc.envelope)
         env.scanned = scanned
+        env.dkim_pass = list(dkim_pass)
         if action == "junk" and not env.folder:
             env.folder = "Junk"
         if add_rcpts or remove_rcpts:

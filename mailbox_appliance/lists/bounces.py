@@ -27,8 +27,11 @@ to do:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import email
 import email.policy
+import quopri
 import re
 from dataclasses import dataclass
 
@@ -85,9 +88,26 @@ def dsn_statuses(raw: bytes) -> list | None:
     return out
 
 
-def is_complaint(raw: bytes) -> bool:
-    """Whether ``raw`` is an abuse complaint (RFC 5965 feedback report, ARF, of type
-    ``abuse`` or without a type): a member who reported the list as spam at the
+def _part_text(part) -> str:
+    """The text of a report part, its transfer encoding undone ("" when broken)."""
+    payload = part.get_payload()
+    text = "".join(p.as_string() for p in payload) if isinstance(payload, list) else str(payload)
+    cte = (part.get("Content-Transfer-Encoding") or "").strip().lower()
+    try:
+        if cte == "base64":
+            text = base64.b64decode(text).decode("utf-8", "replace")
+        elif cte == "quoted-printable":
+            text = quopri.decodestring(text.encode("latin-1", "replace")).decode(
+                "utf-8", "replace")
+    except (ValueError, binascii.Error):
+        return ""
+    return text[:64 * 1024]
+
+
+def is_complaint(raw: bytes, list_id: str) -> bool:
+    """Whether ``raw`` is an abuse complaint about this list's mail: an RFC 5965
+    feedback report of type ``abuse`` whose attached original (or its header)
+    carries the list's List-Id. A member who reported the list as spam at the
     mailbox provider, which sent the report to the copy's envelope sender."""
     try:
         msg = email.message_from_bytes(raw[:1024 * 1024], policy=email.policy.compat32)
@@ -96,14 +116,20 @@ def is_complaint(raw: bytes) -> bool:
     if msg.get_content_type() != "multipart/report" or \
             (msg.get_param("report-type") or "").lower() != "feedback-report":
         return False
+    kind = ours = None
     for part in msg.walk():
-        if part.get_content_type() == "message/feedback-report":
+        ctype = part.get_content_type()
+        if ctype == "message/feedback-report" and kind is None:
+            fields = email.message_from_string(_part_text(part).lstrip("\r\n"))
+            # RFC 5965 requires the field: a report without one is not taken as abuse.
+            kind = (fields.get("Feedback-Type") or "").strip().lower()
+        elif ctype in ("message/rfc822", "text/rfc822-headers") and ours is None:
             payload = part.get_payload()
-            block = payload[0] if isinstance(payload, list) and payload else (
-                email.message_from_string(str(payload)))
-            kind = (block.get("Feedback-Type") or "abuse").strip().lower()
-            return kind == "abuse"
-    return False
+            original = payload[0] if isinstance(payload, list) and payload else (
+                email.message_from_string(_part_text(part).lstrip("\r\n")))
+            ours = f"<{list_id.lower()}>" in " ".join(
+                str(v) for v in original.get_all("List-Id") or ()).lower()
+    return kind == "abuse" and bool(ours)
 
 
 def weight(status: str | None) -> float:

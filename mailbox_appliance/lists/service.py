@@ -32,7 +32,6 @@ import email.message
 import email.policy
 import email.utils
 import os
-import re
 
 from twisted.application.service import Service
 from twisted.internet import defer, task, threads
@@ -43,7 +42,7 @@ from mailbox_appliance.antispam.dkim_keys import KeyStore
 from mailbox_appliance.antispam.dkim_sign import nacl_available, sign_message
 from mailbox_appliance.delivery.result import DEFERRED, SENT, RecipientResult
 from mailbox_appliance.interfaces import IListAgent
-from mailbox_appliance.lists import addresses, bounces, posting, tokens
+from mailbox_appliance.lists import addresses, bounces, posting, replies, tokens
 from mailbox_appliance.lists.replies import field_names, message_id_of
 from mailbox_appliance.lists.robot import QUIET_HOLD, CommandRobot
 from mailbox_appliance.lists.scenario import ScenarioLibrary
@@ -59,13 +58,12 @@ MAX_SEQUENCES = 1000        # distributions whose bounce counts are kept for the
 REVIEW_EVERY = 3600.0       # how often expiries and disabled members are looked at
 SUMMARY_EVERY = 86400.0     # how often owners hear of mail to -bounces that was no report
 SEEN_POSTS_FOR = 7 * 86400.0  # how long a post's Message-ID makes a resend a duplicate
+COMPLAINT_POSTS = 100       # an abuse report counts for the latest so many posts
 UNPARSED_DAYS = 7           # how long mail to -bounces that was no report is kept
 UNPARSED_KEPT = 500         # ... at most so many per list
 UNPARSED_BYTES = 256 * 1024  # ... and of each at most its first so many octets
 # Delivery modes that take single copies (the digest of 4.8 will take "digest").
 SINGLE_COPY_MODES = frozenset({"mail", "not_me", "txt", "html", "urlize"})
-
-_DKIM_PASS = re.compile(r"\bdkim=pass\b[^;]*?\bheader\.d=([A-Za-z0-9.-]+)", re.I)
 
 
 def load_key(data_dir) -> bytes:
@@ -96,32 +94,27 @@ def load_key(data_dir) -> bytes:
     return key
 
 
-def auth_method_of(msg, envelope, hostname, from_match):
+def auth_method_of(msg, envelope, from_match):
     """The scenario auth level a message earned: "dkim" or "smtp" (lists.md 2.3).
 
-    "dkim": a DKIM signature of the From: domain (or its parent) verified by
-    us, as our own Authentication-Results field says (believed only when the
-    content scan judged this very message, ``envelope.scanned``: it removes
-    forged ones first, and a message it skipped, too large or from a relay
-    client, may still carry one); or mail submitted by a logged-in user whose
-    From: the submission port checks.
+    "dkim": a DKIM signature of the From: domain (or its parent) that the
+    content scan verified for this very message (``envelope.dkim_pass``, the
+    domains it found passing; never the text of a header field, which the
+    sender can shape); or mail submitted by a logged-in user whose From: the
+    submission port checks.
     """
     if envelope.auth and from_match:
         return "dkim"
-    if not envelope.scanned:
+    if not envelope.scanned or not envelope.dkim_pass:
         return "smtp"
-    frm = email.utils.parseaddr(str(msg.get("From", "")))[1].lower()
-    domain = frm.rpartition("@")[2]
+    author = replies.sender_of(msg)
+    domain = (author or "").rpartition("@")[2].rstrip(".")
     if not domain:
         return "smtp"
-    for value in msg.get_all("Authentication-Results") or ():
-        text = " ".join(str(value).split())
-        if text.split(";", 1)[0].split(" ", 1)[0].lower() != hostname.lower():
-            continue
-        for m in _DKIM_PASS.finditer(text):
-            d = m.group(1).lower().rstrip(".")
-            if domain == d or domain.endswith("." + d):
-                return "dkim"
+    for d in envelope.dkim_pass:
+        d = str(d).lower().rstrip(".")
+        if d and (domain == d or domain.endswith("." + d)):
+            return "dkim"
     return "smtp"
 
 
@@ -282,7 +275,7 @@ class ListService(Service):
         outcome = yield self.robot.handle(
             msg, env.sender, where.kind, where.domain, list_name=where.list_name,
             token=where.token, spam=self._spam(qmsg, msg),
-            auth_method=auth_method_of(msg, env, self.hostname, self.from_match))
+            auth_method=auth_method_of(msg, env, self.from_match))
         if outcome.dropped:
             mail_event(self.log, f"{qmsg.qid}: list robot dropped the mail: {outcome.dropped}",
                        qid=qmsg.qid)
@@ -298,7 +291,7 @@ class ListService(Service):
         known = bool(mid) and (yield self.store.post_seen(where.list_address, mid, since))
         outcome = yield self.robot.post(
             raw, msg, env.sender, where.list_name, where.domain,
-            auth_method=auth_method_of(msg, env, self.hostname, self.from_match),
+            auth_method=auth_method_of(msg, env, self.from_match),
             spam=self._spam(qmsg, msg), seen_message_id=lambda _mid: known)
         if outcome.dropped:
             mail_event(self.log, f"{qmsg.qid}: post to {where.list_address} not distributed: "
@@ -467,15 +460,8 @@ class ListService(Service):
                        qid=qmsg.qid)
             return
         sequence = found[1]
-        if bounces.is_complaint(raw):
-            # lists.md 4.7: whoever calls the list spam does not get it any more.
-            yield self.store.remove_member(where.list_address, member.address)
-            mail_event(self.log, f"{qmsg.qid}: abuse report about {member.address}: removed "
-                                 f"from {where.list_address}", qid=qmsg.qid)
-            yield self._tell_owners(
-                where, f"{member.address} reported mail from {where.list_address} as spam "
-                       "(an abuse report from the member's mail provider) and was removed "
-                       "from the list.")
+        if bounces.is_complaint(raw, posting.list_id(where.list_name, where.domain)):
+            yield self._complaint(qmsg, where, member, sequence)
             return
         statuses = bounces.dsn_statuses(raw)
         if statuses is None:
@@ -525,6 +511,30 @@ class ListService(Service):
                        f"after repeated bounces (score {new.score:g}, last status "
                        f"{status}). The member is removed after "
                        f"{bounces.NOTICES} weekly notices unless it works again.")
+
+    @defer.inlineCallbacks
+    def _complaint(self, qmsg, where, member, sequence):
+        """lists.md 4.7: whoever calls the list spam does not get it any more. Only
+        for a recent post (or the welcome): a tag that leaked long ago (a forwarded
+        copy shows it in Return-Path) must not remove its member for ever after."""
+        ml = yield self.store.get_list(where.list_address)
+        if ml is None or (sequence and sequence <= ml.post_sequence - COMPLAINT_POSTS):
+            mail_event(self.log, f"{qmsg.qid}: abuse report about an old post (#{sequence}) "
+                                 f"to {where.list_address}, ignored", qid=qmsg.qid)
+            return
+        yield self.store.remove_member(where.list_address, member.address)
+        mail_event(self.log, f"{qmsg.qid}: abuse report about {member.address}: removed "
+                             f"from {where.list_address}", qid=qmsg.qid)
+        yield self._notice(
+            where.list_address, [member.address], f"You left {where.list_name}",
+            f"Your mail provider reported a message from {where.list_address} as spam in "
+            "your name, so you were removed from the list. To join it again, send any "
+            "mail to "
+            f"{addresses.list_address(where.list_name, where.domain, addresses.SUBSCRIBE)}.")
+        yield self._tell_owners(
+            where, f"{member.address} reported mail from {where.list_address} as spam "
+                   "(an abuse report from the member's mail provider) and was removed "
+                   "from the list.")
 
     def _notice(self, ml_address, to, subject, text, reply_to=None):
         name, _, domain = ml_address.partition("@")

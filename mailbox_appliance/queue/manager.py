@@ -59,6 +59,44 @@ class SenderView:
         return getattr(self._qmsg, name)
 
 
+class _Slots:
+    """A counting semaphore that wakes its waiters from a loop.
+
+    Twisted's DeferredSemaphore runs the next waiter inside ``release``: when
+    that waiter's work ends at once (a domain known dead, an agent shutting
+    down) it releases in turn, one stack frame deeper each time, and a few
+    hundred such in a row overflow the stack and lose the waiters.
+    """
+
+    def __init__(self, limit):
+        self.free = limit
+        self.waiting = collections.deque()
+        self._ready = collections.deque()
+        self._waking = False
+
+    def acquire(self):
+        if self.free > 0:
+            self.free -= 1
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self.waiting.append(d)
+        return d
+
+    def release(self):
+        if not self.waiting:
+            self.free += 1
+            return
+        self._ready.append(self.waiting.popleft())
+        if self._waking:
+            return                      # the loop below, further up the stack, wakes it
+        self._waking = True
+        try:
+            while self._ready:
+                self._ready.popleft().callback(None)
+        finally:
+            self._waking = False
+
+
 class _Checkpoint:
     """Done-records of one attempt's sent copies, written a batch at a time while
     the attempt goes on (the attempt writes them all again at its end)."""
@@ -68,14 +106,20 @@ class _Checkpoint:
     def __init__(self, spool, qmsg, log):
         self.spool, self.qmsg, self.log = spool, qmsg, log
         self.keys = []
+        self.writes = []
 
     def add(self, keys):
         self.keys.extend(keys)
         if len(self.keys) >= self.EVERY:
             batch, self.keys = self.keys, []
-            self.spool.mark_done(self.qmsg, batch).addErrback(
+            self.writes.append(self.spool.mark_done(self.qmsg, batch).addErrback(
                 lambda f: self.log.failure("{qid}: done-records not written (written at the "
-                                           "end of the attempt)", f, qid=self.qmsg.qid))
+                                           "end of the attempt)", f, qid=self.qmsg.qid)))
+
+    def finished(self):
+        """Fires once every batch is written: the attempt must not move or remove
+        the queue file while one is still to land beside it."""
+        return defer.DeferredList(self.writes, consumeErrors=True)
 
 
 @implementer(IQueueControl)
@@ -515,7 +559,7 @@ class QueueManager(Service):
         # connections: the rest would only wait in the delivery agent, each
         # with its MX look-ups and state (a list post to 500 domains made
         # 5,000 of them at once, 100 MB for 50 connections).
-        slots = defer.DeferredSemaphore(max(1, self.config.delivery.max_connections))
+        slots = _Slots(max(1, self.config.delivery.max_connections))
         checkpoint = None
         if env.senders and not any(env.notify):
             # A list's distribution goes out for many seconds: its sent copies
@@ -538,6 +582,8 @@ class QueueManager(Service):
                 self._log_status(qmsg, target.address, env.recipients[idx], result)
         if remote_ds:
             yield defer.DeferredList(remote_ds, consumeErrors=True)
+        if checkpoint is not None:
+            yield checkpoint.finished()
         return results
 
     def _deliver_list(self, qmsg, target):

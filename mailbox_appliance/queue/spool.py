@@ -78,6 +78,10 @@ class Envelope:
     # Authentication-Results field that claimed to be ours before adding its
     # own: only then may later stages (the list server) believe ours.
     scanned: bool = False
+    # The domains whose DKIM signatures the scan verified as passing: what
+    # later stages (the list server's dkim level) believe, never a header
+    # field, whose text the sender can shape.
+    dkim_pass: list = field(default_factory=list)
 
     def to_json(self) -> bytes:
         d = self.__dict__
@@ -94,6 +98,8 @@ class Envelope:
             d = {k: v for k, v in d.items() if k != "senders"}
         if not self.scanned:
             d = {k: v for k, v in d.items() if k != "scanned"}
+        if not self.dkim_pass:
+            d = {k: v for k, v in d.items() if k != "dkim_pass"}
         return json.dumps(d, ensure_ascii=True, separators=(",", ":")).encode()
 
     def notify_of(self, idx) -> str:
@@ -118,7 +124,7 @@ class Envelope:
         # wrong type must make the file corrupt now, not crash each attempt.
         texts = (env.sender, env.client_ip, env.helo, env.protocol, env.auth, env.ret,
                  env.envid, env.notice)
-        lists = (env.recipients, env.notify, env.orcpt, env.senders)
+        lists = (env.recipients, env.notify, env.orcpt, env.senders, env.dkim_pass)
         if not all(isinstance(t, str) for t in texts) or \
                 not all(isinstance(l, list) and all(isinstance(r, str) for r in l)
                         for l in lists) or \
