@@ -24,7 +24,7 @@ import shutil
 import smtplib
 import subprocess
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from mailbox_appliance.antispam import dkim_keys, dkim_sign
@@ -194,6 +194,43 @@ class InboundTests(DKIMDMARCCase):
         [ar] = auth_results(raw)
         self.assertIn("dkim=none", ar)
         self.assertIn("dmarc=fail (p=quarantine dis=quarantine) header.from=shop.test", ar)
+
+    @defer.inlineCallbacks
+    def test_list_post_with_a_verified_signature_goes_out_without_confirmation(self):
+        """The list server's dkim level (lists.md 2.3) comes from the signature this
+        appliance verified: a member's signed post is distributed at once; the same
+        post unsigned, with a forged Authentication-Results naming us, waits for the
+        author's confirmation (nothing reaches the members)."""
+        app = yield self.start_mx()
+        for args in (("list", "create", "team@example.test", "--owner", "alice@example.test"),
+                     ("list", "add", "team@example.test", "sam@signed.test"),
+                     ("list", "add", "team@example.test", "ann@plain.test"),
+                     ("list", "add", "team@example.test", "alice@example.test")):
+            done = yield threads.deferToThread(run_cli, "--config", app.config_path, *args)
+            self.assertEqual(done.returncode, 0, done.stderr)
+        yield task.deferLater(reactor, 2.5, lambda: None)    # the list names are re-read
+        post = message("Sam <sam@signed.test>", "signed-post").replace(
+            b"To: Alice <alice@example.test>", b"To: team@example.test")
+        code, _ = yield self.send(app, "sam@signed.test", self.signed(post),
+                                  rcpt="team@example.test")
+        self.assertEqual(code, 250)
+
+        def copies():
+            return [m for m in app.messages("alice") if b"List-Id: <team.example.test>" in m]
+        yield self.until(app, copies, "the list's copy")
+        [copy] = copies()
+        self.assertIn(b"Subject: signed-post", copy)
+        # (plain.test publishes no DMARC policy, so the MX takes the unsigned mail.)
+        forged = (b"Authentication-Results: mx.example.test; dkim=pass header.d=plain.test"
+                  b"\r\n" + message("Ann <ann@plain.test>", "forged-post"))
+        code, _ = yield self.send(app, "ann@plain.test", forged.replace(
+            b"To: Alice <alice@example.test>", b"To: team@example.test"),
+            rcpt="team@example.test")
+        self.assertEqual(code, 250)
+        yield self.until(app, lambda: "post from ann@plain.test (smtp): request_auth"
+                         in app.log(), "the post held for its author's confirmation")
+        self.assertEqual(len(copies()), 1)
+        self.assertIn("post from sam@signed.test (dkim): do_it", app.log())
 
 
 class OutboundTests(DKIMDMARCCase):
