@@ -226,6 +226,12 @@ class KeyAndAuthTests(ServiceCase):
         self.assertEqual(auth_method_of(sub, scanned("a.example"), True), "dkim")
         self.assertEqual(auth_method_of(msg, scanned("evil.example"), True), "smtp")
         self.assertEqual(auth_method_of(msg, scanned("ba.example"), True), "smtp")
+        # Never a public suffix's signature (a platform signing for its tenants).
+        tenant = parse(message("x@victim.github.io", TEAM))
+        self.assertEqual(auth_method_of(tenant, scanned("github.io"), True), "smtp")
+        self.assertEqual(auth_method_of(parse(message("x@a.co.uk", TEAM)), scanned("co.uk"),
+                                        True), "smtp")
+        self.assertEqual(auth_method_of(tenant, scanned("victim.github.io"), True), "dkim")
         self.assertEqual(auth_method_of(msg, scanned(), True), "smtp")
         # A passing domain on an envelope the scan did not judge is not believed.
         self.assertEqual(auth_method_of(msg, dataclasses.replace(
@@ -952,8 +958,16 @@ class BounceTests(ServiceCase):
             yield self.store.next_post(TEAM)
         yield self.deliver(old, arf(old, ALICE), "")
         self.assertIsNotNone((yield self.member(ALICE)))
+        # The welcome's tag (sequence 0) never changes: only for a new membership.
+        welcome = yield self.verp_of(ALICE, sequence=0)
+        yield self.deliver(welcome, arf(welcome, ALICE), "")
+        self.assertIsNotNone((yield self.member(ALICE)))
         recent = yield self.verp_of(ALICE, sequence=101)
         yield self.deliver(recent, arf(recent, ALICE), "")
+        self.assertIsNone((yield self.member(ALICE)))
+        yield self.store.add_member(TEAM, ALICE, now=self.clock.seconds())
+        welcome = yield self.verp_of(ALICE, sequence=0)
+        yield self.deliver(welcome, arf(welcome, ALICE), "")
         self.assertIsNone((yield self.member(ALICE)))
 
     @defer.inlineCallbacks

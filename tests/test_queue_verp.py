@@ -302,6 +302,33 @@ class VerpQueueTests(OutboundTestBase):
         yield self.settle()
 
 
+class SlotsTests(unittest.TestCase):
+    """The per-message transaction slots (``manager._Slots``)."""
+
+    def test_reentrant_release_keeps_the_count(self):
+        slots = manager_module._Slots(2)
+        held = [slots.acquire() for _ in range(2)]
+        self.assertTrue(all(d.called for d in held))
+        woken = []
+        for i in range(50):
+            slots.acquire().addCallback(lambda _, i=i: (woken.append(i), slots.release()))
+        self.assertEqual(woken, [])
+        slots.release()
+        self.assertEqual(woken, list(range(50)))
+        self.assertEqual((slots.free, len(slots.waiting)), (1, 0))
+        slots.release()
+        self.assertEqual(slots.free, 2)
+
+    def test_cancelled_waiter_does_not_keep_the_slot(self):
+        slots = manager_module._Slots(1)
+        self.assertTrue(slots.acquire().called)
+        second = slots.acquire()
+        second.cancel()
+        self.failureResultOf(second, defer.CancelledError)
+        slots.release()
+        self.assertTrue(slots.acquire().called)
+
+
 class EnvelopeSendersTests(unittest.TestCase):
 
     def test_round_trip(self):

@@ -117,7 +117,9 @@ def is_complaint(raw: bytes, list_id: str) -> bool:
             (msg.get_param("report-type") or "").lower() != "feedback-report":
         return False
     kind = ours = None
-    for part in msg.walk():
+    # The report's own parts only (RFC 5965 2): not what the quoted original holds.
+    parts = msg.get_payload() if isinstance(msg.get_payload(), list) else []
+    for part in parts[:10]:
         ctype = part.get_content_type()
         if ctype == "message/feedback-report" and kind is None:
             fields = email.message_from_string(_part_text(part).lstrip("\r\n"))

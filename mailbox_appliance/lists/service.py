@@ -38,6 +38,7 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailbox_appliance.antispam import dmarc
 from mailbox_appliance.antispam.dkim_keys import KeyStore
 from mailbox_appliance.antispam.dkim_sign import nacl_available, sign_message
 from mailbox_appliance.delivery.result import DEFERRED, SENT, RecipientResult
@@ -59,6 +60,7 @@ REVIEW_EVERY = 3600.0       # how often expiries and disabled members are looked
 SUMMARY_EVERY = 86400.0     # how often owners hear of mail to -bounces that was no report
 SEEN_POSTS_FOR = 7 * 86400.0  # how long a post's Message-ID makes a resend a duplicate
 COMPLAINT_POSTS = 100       # an abuse report counts for the latest so many posts
+COMPLAINT_WELCOME_DAYS = 30  # ... and about the welcome so many days after joining
 UNPARSED_DAYS = 7           # how long mail to -bounces that was no report is kept
 UNPARSED_KEPT = 500         # ... at most so many per list
 UNPARSED_BYTES = 256 * 1024  # ... and of each at most its first so many octets
@@ -113,7 +115,12 @@ def auth_method_of(msg, envelope, from_match):
         return "smtp"
     for d in envelope.dkim_pass:
         d = str(d).lower().rstrip(".")
-        if d and (domain == d or domain.endswith("." + d)):
+        if d == domain:
+            return "dkim"
+        # A parent's signature counts (relaxed alignment), a public suffix's
+        # never: a platform signing for github.io does not vouch for each tenant.
+        if d and domain.endswith("." + d) and \
+                dmarc.public_suffix_list().privatesuffix(d) is not None:
             return "dkim"
     return "smtp"
 
@@ -518,7 +525,13 @@ class ListService(Service):
         for a recent post (or the welcome): a tag that leaked long ago (a forwarded
         copy shows it in Return-Path) must not remove its member for ever after."""
         ml = yield self.store.get_list(where.list_address)
-        if ml is None or (sequence and sequence <= ml.post_sequence - COMPLAINT_POSTS):
+        if ml is None:
+            return
+        # (Sequence 0 is the welcome's tag, the same for ever: honoured while the
+        # membership is new.)
+        old = (sequence <= ml.post_sequence - COMPLAINT_POSTS if sequence else
+               self.reactor.seconds() - member.joined > COMPLAINT_WELCOME_DAYS * 86400.0)
+        if old:
             mail_event(self.log, f"{qmsg.qid}: abuse report about an old post (#{sequence}) "
                                  f"to {where.list_address}, ignored", qid=qmsg.qid)
             return

@@ -78,7 +78,7 @@ class _Slots:
         if self.free > 0:
             self.free -= 1
             return defer.succeed(None)
-        d = defer.Deferred()
+        d = defer.Deferred(canceller=lambda d: self.waiting.remove(d))
         self.waiting.append(d)
         return d
 
