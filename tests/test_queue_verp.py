@@ -21,6 +21,7 @@ from mailbox_appliance.delivery.result import BOUNCED, DEFERRED, SENT, Recipient
 from mailbox_appliance.interfaces import IRemoteDelivery
 from mailbox_appliance.queue import manager as manager_module
 from mailbox_appliance.queue.spool import Envelope, read_queue_file
+from mailbox_appliance.slots import Slots
 from tests.test_queue_outbound import OutboundTestBase
 
 ALICE, BOB = "alice@example.test", "bob@example.test"    # local users of the base fixture
@@ -303,10 +304,10 @@ class VerpQueueTests(OutboundTestBase):
 
 
 class SlotsTests(unittest.TestCase):
-    """The per-message transaction slots (``manager._Slots``)."""
+    """The slots the queue caps a message's transactions with (``slots.Slots``)."""
 
     def test_reentrant_release_keeps_the_count(self):
-        slots = manager_module._Slots(2)
+        slots = Slots(2)
         held = [slots.acquire() for _ in range(2)]
         self.assertTrue(all(d.called for d in held))
         woken = []
@@ -320,7 +321,7 @@ class SlotsTests(unittest.TestCase):
         self.assertEqual(slots.free, 2)
 
     def test_cancelled_waiter_does_not_keep_the_slot(self):
-        slots = manager_module._Slots(1)
+        slots = Slots(1)
         self.assertTrue(slots.acquire().called)
         second = slots.acquire()
         second.cancel()

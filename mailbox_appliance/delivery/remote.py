@@ -40,6 +40,7 @@ from mailbox_appliance.delivery.result import BOUNCED, DEFERRED, RecipientResult
 from mailbox_appliance.delivery.smtp_client import (
     TLS_ENCRYPT, TLS_MAY, TLS_NONE, TLS_VERIFY, ClientSettings, SessionError, StaleSession)
 from mailbox_appliance.interfaces import IRemoteDelivery
+from mailbox_appliance.slots import Slots
 
 # Connection attempts (addresses) and SMTP sessions per delivery, as
 # Postfix's smtp_mx_address_limit and smtp_mx_session_limit: a domain with
@@ -47,34 +48,6 @@ from mailbox_appliance.interfaces import IRemoteDelivery
 MAX_CONNECT_ATTEMPTS = 5
 MAX_SESSIONS = 2
 MAX_DEAD_ENTRIES = 10000
-
-
-class _Slots:
-    """A counting semaphore whose waiters are served first come, first served."""
-
-    def __init__(self, limit):
-        self.limit = limit
-        self.used = 0
-        self.waiters = collections.deque()
-
-    def acquire(self) -> defer.Deferred:
-        if self.used < self.limit and not self.waiters:
-            self.used += 1
-            return defer.succeed(None)
-        d = defer.Deferred(lambda d: self.waiters.remove(d))
-        self.waiters.append(d)
-        return d
-
-    def release(self):
-        if self.waiters:
-            # The slot passes straight to the next waiter.
-            self.waiters.popleft().callback(None)
-        else:
-            self.used -= 1
-
-    @property
-    def idle(self) -> bool:
-        return self.used == 0 and not self.waiters
 
 
 class _Pool:
@@ -165,8 +138,8 @@ class RemoteDelivery:
         self.dead_time = parse_duration(dl.dead_destination_time)
         self.max_messages = dl.connection_max_messages
         self.max_per_domain = dl.max_per_domain
-        self._connections = _Slots(dl.max_connections)
-        self._domains = {}              # domain -> _Slots
+        self._connections = Slots(dl.max_connections)
+        self._domains = {}              # domain -> Slots
         self._pool = _Pool(reactor, dl.connection_idle)
         self._dead = {}                 # destination key -> (until, RecipientResult)
         self._sessions = set()
@@ -203,7 +176,7 @@ class RemoteDelivery:
         """
         self._closed = True
         for slots in [self._connections] + list(self._domains.values()):
-            for d in list(slots.waiters):
+            for d in list(slots.waiting):
                 d.cancel()
         self._pool.close_all()
         waits = []
@@ -249,7 +222,7 @@ class RemoteDelivery:
             return {r.idx: result for r in recipients}
         slots = self._domains.get(domain)
         if slots is None:
-            slots = self._domains[domain] = _Slots(self.max_per_domain)
+            slots = self._domains[domain] = Slots(self.max_per_domain)
         try:
             yield slots.acquire()
         except defer.CancelledError:
@@ -373,7 +346,7 @@ class RemoteDelivery:
 
     def _done_with(self, pkey, session):
         if (session.usable and session.messages < self.max_messages and not self._closed
-                and not self._connections.waiters):
+                and not self._connections.waiting):
             self._pool.put(pkey, session)
         else:
             session.quit()

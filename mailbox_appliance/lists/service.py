@@ -215,8 +215,7 @@ class ListService(Service):
     def _know_names(self, msg, envelope_sender):
         """Read the list names of the list domains a mail comes from, so that
         ``is_own`` knows them even before any list address was classified."""
-        frm = email.utils.parseaddr(str(msg.get("From", "")))[1]
-        for address in {envelope_sender or "", frm}:
+        for address in {envelope_sender or "", replies.sender_of(msg) or ""}:
             domain = address.rpartition("@")[2]
             if domain and self.is_list_domain(domain):
                 yield self.list_names(domain)
@@ -452,7 +451,7 @@ class ListService(Service):
 
     @defer.inlineCallbacks
     def _bounce(self, qmsg, raw, where):
-        claimed = addresses.verp_tag_member(where.tag) if where.tag else None
+        claimed = addresses.verp_tag_member(where.tag)
         member = None
         if claimed is not None:
             member = yield self.store.member_by_id(where.list_address, claimed)

@@ -32,6 +32,7 @@ from mailbox_appliance.interfaces import DirectoryUnavailable
 from mailbox_appliance.maillog import mail_event
 from mailbox_appliance.queue.control import IQueueControl
 from mailbox_appliance.queue.notices import Notices
+from mailbox_appliance.slots import Slots
 
 
 class _Lane:
@@ -57,44 +58,6 @@ class SenderView:
 
     def __getattr__(self, name):
         return getattr(self._qmsg, name)
-
-
-class _Slots:
-    """A counting semaphore that wakes its waiters from a loop.
-
-    Twisted's DeferredSemaphore runs the next waiter inside ``release``: when
-    that waiter's work ends at once (a domain known dead, an agent shutting
-    down) it releases in turn, one stack frame deeper each time, and a few
-    hundred such in a row overflow the stack and lose the waiters.
-    """
-
-    def __init__(self, limit):
-        self.free = limit
-        self.waiting = collections.deque()
-        self._ready = collections.deque()
-        self._waking = False
-
-    def acquire(self):
-        if self.free > 0:
-            self.free -= 1
-            return defer.succeed(None)
-        d = defer.Deferred(canceller=lambda d: self.waiting.remove(d))
-        self.waiting.append(d)
-        return d
-
-    def release(self):
-        if not self.waiting:
-            self.free += 1
-            return
-        self._ready.append(self.waiting.popleft())
-        if self._waking:
-            return                      # the loop below, further up the stack, wakes it
-        self._waking = True
-        try:
-            while self._ready:
-                self._ready.popleft().callback(None)
-        finally:
-            self._waking = False
 
 
 class _Checkpoint:
@@ -559,7 +522,7 @@ class QueueManager(Service):
         # connections: the rest would only wait in the delivery agent, each
         # with its MX look-ups and state (a list post to 500 domains made
         # 5,000 of them at once, 100 MB for 50 connections).
-        slots = _Slots(max(1, self.config.delivery.max_connections))
+        slots = Slots(max(1, self.config.delivery.max_connections))
         checkpoint = None
         if env.senders and not any(env.notify):
             # A list's distribution goes out for many seconds: its sent copies
